@@ -1,0 +1,53 @@
+"""Sparsity parameters shared by the mask estimator and the attention kernel.
+
+Plain dataclass so that `pbs_vllm.kernels` works without vLLM or pydantic; the
+validated user-facing configuration lives in `pbs_vllm.config.PBSConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Scoring = Literal["mean", "antidiagonal"]
+
+
+@dataclass(frozen=True)
+class SparsityParams:
+    """How PBS selects key blocks (method: shared/spec/PBS.md, section 2).
+
+    block_size: B, tokens per query block and per key block.
+    segment_size: S, keys are permuted only inside segments of S (a multiple of B).
+    tau: keep the smallest prefix of candidate blocks whose probability mass reaches tau;
+        tau >= 1.0 keeps every candidate (equals dense causal attention).
+    max_density: optional cap on the kept fraction of candidate blocks per query block.
+    permute: False gives the unpermuted mean-pooling ablation (identity permutation).
+    scoring: "mean" pools blocks by their mean; "antidiagonal" is PBS+ (XAttention-style).
+    antidiagonal_stride: stride of the antidiagonal sampling for scoring="antidiagonal".
+    keep_sink: always keep the permuted key block holding original token 0.
+    """
+
+    block_size: int = 128
+    segment_size: int = 256
+    tau: float = 0.9
+    max_density: float | None = None
+    permute: bool = True
+    scoring: Scoring = "mean"
+    antidiagonal_stride: int = 8
+    keep_sink: bool = True
+
+    def __post_init__(self) -> None:
+        b, s = self.block_size, self.segment_size
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"block_size={b}: must be a power of two >= 16")
+        if s < b or s % b:
+            raise ValueError(f"segment_size={s}: must be a positive multiple of block_size={b}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau={self.tau}: must be in (0, 1]")
+        if self.max_density is not None and not 0.0 < self.max_density <= 1.0:
+            raise ValueError(f"max_density={self.max_density}: must be in (0, 1] or None")
+        if self.scoring not in ("mean", "antidiagonal"):
+            raise ValueError(f"scoring={self.scoring!r}: must be 'mean' or 'antidiagonal'")
+        st = self.antidiagonal_stride
+        if st < 1 or b % st:
+            raise ValueError(f"antidiagonal_stride={st}: must divide block_size={b}")

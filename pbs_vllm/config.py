@@ -1,0 +1,174 @@
+"""`PBSConfig`: the validated configuration of the PBS backend.
+
+Sources, later ones winning: the defaults (the paper's), vLLM's
+`--additional-config '{"pbs": {...}}'`, then environment variables `PBS_<FIELD>`
+(e.g. `PBS_TAU=0.95`, `PBS_MAX_DENSITY=none`). Any bad value fails with one
+`PBSConfigError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from pbs_vllm.kernels.params import SparsityParams
+
+ENV_PREFIX = "PBS_"
+ADDITIONAL_CONFIG_KEY = "pbs"
+# Environment variables that start with PBS_ but are not config fields.
+_NON_FIELD_ENV = {"PBS_VLLM_CPU_PLATFORM"}
+
+
+class PBSConfigError(ValueError):
+    """An invalid PBS configuration; the message names field, value and what is allowed."""
+
+
+class PBSConfig(BaseModel):
+    """Settings of permuted block-sparse prefill (defaults: the paper's)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    block_size: int = Field(128, description="Tokens per query/key block (power of two, 16-256).")
+    segment_size: int = Field(
+        256, description="Permutation segment length (multiple of block_size)."
+    )
+    tau: float = Field(0.9, gt=0.0, le=1.0, description="Cumulative block-probability threshold.")
+    max_density: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Cap on kept fraction of candidate blocks (none = no cap).",
+    )
+    dense_fallback_len: int = Field(
+        16384, ge=0, description="Prefills whose sequence is shorter than this run dense."
+    )
+    scoring: Literal["mean", "antidiagonal"] = Field(
+        "mean", description="Block scoring: mean pooling (PBS) or antidiagonal (PBS+)."
+    )
+    antidiagonal_stride: int = Field(8, ge=1, description="Antidiagonal sampling stride (PBS+).")
+    permute: bool = Field(True, description="False = unpermuted block-sparse ablation.")
+    keep_sink: bool = Field(True, description="Always keep the block holding token 0.")
+    stats_log_interval_s: float = Field(
+        10.0, ge=0.0, description="Seconds between density log lines (0 = off)."
+    )
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, b: int) -> int:
+        if not 16 <= b <= 256 or b & (b - 1):
+            raise ValueError("must be a power of two between 16 and 256")
+        return b
+
+    @field_validator("segment_size")
+    @classmethod
+    def _multiple_of_block(cls, s: int, info: ValidationInfo) -> int:
+        b = info.data.get("block_size")
+        if b is not None and (s < b or s % b):
+            raise ValueError(f"must be a positive multiple of block_size={b}")
+        return s
+
+    @field_validator("antidiagonal_stride")
+    @classmethod
+    def _divides_block(cls, st: int, info: ValidationInfo) -> int:
+        b = info.data.get("block_size")
+        if b is not None and b % st:
+            raise ValueError(f"must divide block_size={b}")
+        return st
+
+    def sparsity_params(self) -> SparsityParams:
+        """The kernel-level parameters (`pbs_vllm.kernels.SparsityParams`)."""
+        return SparsityParams(
+            block_size=self.block_size,
+            segment_size=self.segment_size,
+            tau=self.tau,
+            max_density=self.max_density,
+            permute=self.permute,
+            scoring=self.scoring,
+            antidiagonal_stride=self.antidiagonal_stride,
+            keep_sink=self.keep_sink,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        additional_config: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> PBSConfig:
+        """Build from vLLM's additional_config dict (its "pbs" key) and `PBS_*` variables."""
+        values: dict[str, Any] = {}
+        section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
+        if not isinstance(section, Mapping):
+            raise PBSConfigError(
+                f"additional_config.pbs = {section!r}: must be a JSON object of PBS settings"
+            )
+        values.update(section)
+        env_values, env_names = _from_env(os.environ if env is None else env)
+        values.update(env_values)
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            raise PBSConfigError(_describe(e, values, env_names)) from None
+
+
+_ALLOWED = {
+    "block_size": "16, 32, 64, 128 or 256",
+    "segment_size": "a positive multiple of block_size",
+    "tau": "a number in (0, 1]",
+    "max_density": "a number in (0, 1], or null for no cap",
+    "dense_fallback_len": "an integer >= 0",
+    "scoring": "'mean' or 'antidiagonal'",
+    "antidiagonal_stride": "an integer >= 1 dividing block_size",
+    "permute": "true or false",
+    "keep_sink": "true or false",
+    "stats_log_interval_s": "a number >= 0",
+}
+
+
+def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Fields set through `PBS_<FIELD>`; values parsed as JSON when they are JSON."""
+    values, names = {}, {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name in _NON_FIELD_ENV:
+            continue
+        field = name[len(ENV_PREFIX) :].lower()
+        if raw.strip().lower() in ("none", "null"):
+            values[field] = None
+        else:
+            try:
+                values[field] = json.loads(raw)
+            except json.JSONDecodeError:
+                values[field] = raw
+        names[field] = name
+    return values, names
+
+
+def _describe(err: ValidationError, values: Mapping[str, Any], env_names: Mapping[str, str]) -> str:
+    """One message per problem: where it came from, field, value, what is allowed."""
+    lines = []
+    for item in err.errors(include_url=False):
+        loc = [str(p) for p in item["loc"] if not str(p).startswith(("function-", "literal["))]
+        field = loc[0] if loc else None
+        where = env_names.get(field) if field else None
+        where = where or (f"{ADDITIONAL_CONFIG_KEY}.{field}" if field else ADDITIONAL_CONFIG_KEY)
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            allowed = ", ".join(PBSConfig.model_fields)
+            msg = f"unknown setting; allowed settings: {allowed}"
+        if field is None:
+            lines.append(f"{where}: {msg}")
+            continue
+        allowed = _ALLOWED.get(field)
+        hint = f" (allowed: {allowed})" if allowed and item["type"] != "extra_forbidden" else ""
+        lines.append(f"{where} = {values.get(field)!r}: {msg}{hint}")
+    # pydantic can report one bad value once per union member; keep each line once.
+    return "invalid PBS configuration: " + "; ".join(dict.fromkeys(lines))
+
+
+def get_pbs_config(vllm_config: Any = None) -> PBSConfig:
+    """The PBSConfig of a vLLM `VllmConfig` (its additional_config) plus the environment."""
+    additional = getattr(vllm_config, "additional_config", None) if vllm_config else None
+    return PBSConfig.load(additional if isinstance(additional, Mapping) else None)

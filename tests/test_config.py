@@ -1,0 +1,115 @@
+"""PBSConfig: defaults, every field's bad values, additional_config and env sources."""
+
+from __future__ import annotations
+
+import pytest
+
+from pbs_vllm.config import PBSConfig, PBSConfigError, get_pbs_config
+from pbs_vllm.kernels.params import SparsityParams
+
+
+def load(section=None, **env):
+    return PBSConfig.load({"pbs": section} if section is not None else None, env=env)
+
+
+def test_defaults_are_the_papers():
+    cfg = load()
+    assert (cfg.block_size, cfg.segment_size, cfg.tau, cfg.max_density) == (128, 256, 0.9, None)
+    assert cfg.scoring == "mean" and cfg.permute and cfg.keep_sink
+
+
+def test_additional_config_and_env_override():
+    cfg = load({"tau": 0.8, "block_size": 64, "segment_size": 128}, PBS_TAU="0.95")
+    assert cfg.tau == 0.95 and cfg.block_size == 64 and cfg.segment_size == 128
+    assert load({"max_density": 0.1}, PBS_MAX_DENSITY="none").max_density is None
+    assert load(PBS_PERMUTE="false").permute is False
+    assert load(PBS_SCORING="antidiagonal").scoring == "antidiagonal"
+
+
+def test_non_field_env_is_ignored():
+    assert load(PBS_VLLM_CPU_PLATFORM="1") == load()
+
+
+@pytest.mark.parametrize(
+    "field, value, expect",
+    [
+        ("block_size", 48, "power of two"),
+        ("block_size", 8, "power of two"),
+        ("block_size", 512, "power of two"),
+        ("block_size", 64.0, "valid integer"),
+        ("block_size", True, "valid integer"),
+        ("block_size", "128", "valid integer"),
+        ("segment_size", 200, "multiple of block_size=128"),
+        ("segment_size", 64, "multiple of block_size=128"),
+        ("segment_size", None, "valid integer"),
+        ("tau", 0, "greater than 0"),
+        ("tau", -0.5, "greater than 0"),
+        ("tau", 1.01, "less than or equal to 1"),
+        ("tau", "high", "valid number"),
+        ("max_density", 0.0, "greater than 0"),
+        ("max_density", 1.5, "less than or equal to 1"),
+        ("max_density", "0.5", "valid number"),
+        ("dense_fallback_len", -1, "greater than or equal to 0"),
+        ("dense_fallback_len", 1.5, "valid integer"),
+        ("scoring", "max", "'mean' or 'antidiagonal'"),
+        ("scoring", 1, "'mean' or 'antidiagonal'"),
+        ("antidiagonal_stride", 0, "greater than or equal to 1"),
+        ("antidiagonal_stride", 3, "must divide block_size=128"),
+        ("permute", "yes", "valid boolean"),
+        ("keep_sink", 1, "valid boolean"),
+        ("stats_log_interval_s", -1, "greater than or equal to 0"),
+        ("stats_log_interval_s", "often", "valid number"),
+    ],
+)
+def test_every_bad_value_names_field_value_and_rule(field, value, expect):
+    with pytest.raises(PBSConfigError) as err:
+        load({field: value})
+    msg = str(err.value)
+    assert f"pbs.{field} = {value!r}" in msg
+    assert expect in msg
+    assert "allowed:" in msg
+
+
+def test_bad_env_value_names_the_variable():
+    with pytest.raises(PBSConfigError, match=r"PBS_TAU = 'abc'.*valid number"):
+        load(PBS_TAU="abc")
+
+
+def test_unknown_key_lists_allowed_settings():
+    with pytest.raises(PBSConfigError, match=r"pbs.taus = 0.9: unknown setting.*tau, max_density"):
+        load({"taus": 0.9})
+    with pytest.raises(PBSConfigError, match=r"PBS_BLOCKSIZE = 64: unknown setting"):
+        load(PBS_BLOCKSIZE="64")
+
+
+def test_section_must_be_an_object():
+    with pytest.raises(PBSConfigError, match="must be a JSON object"):
+        PBSConfig.load({"pbs": [1, 2]}, env={})
+
+
+def test_several_errors_reported_together():
+    with pytest.raises(PBSConfigError) as err:
+        load({"tau": 2, "scoring": "x"})
+    assert "pbs.tau" in str(err.value) and "pbs.scoring" in str(err.value)
+
+
+def test_frozen():
+    with pytest.raises(Exception, match="frozen"):
+        load().tau = 0.5
+
+
+def test_sparsity_params_round_trip():
+    cfg = load({"block_size": 32, "segment_size": 64, "tau": 0.5, "max_density": 0.25})
+    p = cfg.sparsity_params()
+    assert isinstance(p, SparsityParams)
+    assert (p.block_size, p.segment_size, p.tau, p.max_density) == (32, 64, 0.5, 0.25)
+
+
+def test_get_pbs_config_reads_additional_config(monkeypatch):
+    class FakeVllmConfig:  # only the attribute get_pbs_config reads
+        additional_config = {"pbs": {"tau": 0.7}, "other_plugin": {"x": 1}}
+
+    for name in [n for n in __import__("os").environ if n.startswith("PBS_")]:
+        monkeypatch.delenv(name)
+    assert get_pbs_config(FakeVllmConfig()).tau == 0.7
+    assert get_pbs_config(None).tau == 0.9
