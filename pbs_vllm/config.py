@@ -8,6 +8,7 @@ Sources, later ones winning: the defaults (the paper's), vLLM's
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Mapping
@@ -129,12 +130,20 @@ _ALLOWED = {
 
 
 def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Fields set through `PBS_<FIELD>`; values parsed as JSON when they are JSON."""
+    """Fields set through `PBS_<FIELD>`; values parsed as JSON when they are JSON.
+
+    Other `PBS_*` variables (e.g. a PBS batch scheduler's `PBS_JOBID`) are ignored, unless
+    the name is a near miss of a field (`PBS_TAUU`), which is reported as unknown.
+    """
     values, names = {}, {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name in _NON_FIELD_ENV:
             continue
         field = name[len(ENV_PREFIX) :].lower()
+        if field not in PBSConfig.model_fields and not difflib.get_close_matches(
+            field, PBSConfig.model_fields, n=1, cutoff=0.8
+        ):
+            continue
         if raw.strip().lower() in ("none", "null"):
             values[field] = None
         else:

@@ -27,7 +27,8 @@ def test_additional_config_and_env_override():
 
 
 def test_non_field_env_is_ignored():
-    assert load(PBS_VLLM_CPU_PLATFORM="1") == load()
+    # Our own switch, and a PBS batch scheduler's variables, are not settings.
+    assert load(PBS_VLLM_CPU_PLATFORM="1", PBS_JOBID="42.server", PBS_O_HOME="/x") == load()
 
 
 @pytest.mark.parametrize(
