@@ -1,0 +1,231 @@
+"""Time to first token in real vLLM: `--attention-backend pbs` against FLASH_ATTN.
+
+One run of this script times every configuration on the same GPU. Each configuration runs
+in its own child process (a fresh `vllm.LLM`, engine in-process so the PBS stats object is
+readable), in sequence; the parent prints one table and writes CSV / JSON / markdown.
+
+    python benchmarks/bench_ttft.py --model /tmp/llama8b --lengths 8k,16k,32k,64k,128k \
+        --configs flash,pbs-d5,pbs-d10,pbs-d25,pbs-tau --out results/
+
+TTFT is the wall time of `LLM.generate` for one prompt with `max_tokens=1` (prefill of all
+chunks + one sampled token), warmed up, median of `--reps`. Prompts are random token ids
+(the dummy-weight model has no use for text). Decode throughput: a batch of short
+prompts generating `--decode-tokens` tokens each, output tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> (attention backend, PBS settings or None)
+CONFIGS: dict[str, tuple[str, dict | None]] = {
+    "flash": ("FLASH_ATTN", None),
+    "pbs-d5": ("pbs", {"max_density": 0.05, "tau": 1.0, "dense_fallback_len": 0}),
+    "pbs-d10": ("pbs", {"max_density": 0.10, "tau": 1.0, "dense_fallback_len": 0}),
+    "pbs-d25": ("pbs", {"max_density": 0.25, "tau": 1.0, "dense_fallback_len": 0}),
+    "pbs-tau": ("pbs", {"tau": 0.9, "dense_fallback_len": 0}),
+    "pbs-full": ("pbs", {"tau": 1.0, "dense_fallback_len": 0}),
+    "pbs-default": ("pbs", {}),
+}
+
+
+def parse_length(text: str) -> int:
+    text = text.strip().lower()
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """Child process: one engine, every length, one JSON line per measurement on stdout."""
+    from vllm import LLM, SamplingParams
+
+    backend, pbs = CONFIGS[args.config]
+    kwargs = dict(
+        model=args.model,
+        load_format="dummy",
+        attention_backend=backend,
+        max_model_len=max(args.lengths) + 64,
+        gpu_memory_utilization=args.gpu_mem,
+        enforce_eager=args.eager,
+        enable_prefix_caching=False,  # every repetition must really prefill
+        seed=0,
+    )
+    if pbs is not None:
+        kwargs["additional_config"] = {"pbs": {**pbs, "stats_log_interval_s": 0}}
+    llm = LLM(**kwargs)
+    vocab = llm.get_tokenizer().vocab_size
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+
+    def prompt(n: int) -> dict:
+        ids = torch.randint(10, vocab - 10, (n,), generator=gen).tolist()
+        return {"prompt_token_ids": ids}
+
+    def ttft(n: int) -> float:
+        p = prompt(n)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate([p], one, use_tqdm=False)
+        return time.perf_counter() - t0
+
+    stats = _stats_module()
+    ttft(min(args.lengths))  # warm-up: kernel compilation and autotuning
+    for n in args.lengths:
+        if stats:
+            stats.reset()
+        times = [ttft(n) for _ in range(args.reps)]
+        row = {
+            "config": args.config,
+            "length": n,
+            "ttft_s": statistics.median(times),
+            "ttft_all_s": times,
+        }
+        if stats:
+            snap = stats.snapshot()
+            row["density"] = snap.get("density")
+            row["density_per_layer"] = snap.get("density_per_layer")
+        print("RESULT " + json.dumps(row), flush=True)
+
+    if args.decode_tokens:
+        many = [prompt(args.decode_prompt_len) for _ in range(args.decode_batch)]
+        dec = SamplingParams(max_tokens=args.decode_tokens, temperature=0.0, ignore_eos=True)
+        llm.generate(many[:2], dec, use_tqdm=False)
+        t0 = time.perf_counter()
+        outs = llm.generate(many, dec, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        ntok = sum(len(o.outputs[0].token_ids) for o in outs)
+        row = {
+            "config": args.config,
+            "decode_tok_per_s": ntok / dt,
+            "decode_batch": args.decode_batch,
+        }
+        print("RESULT " + json.dumps(row), flush=True)
+
+
+def _stats_module():
+    try:
+        from pbs_vllm.backend import stats
+    except ImportError:
+        return None
+    return stats
+
+
+def run_all(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    for name in args.configs:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--config",
+            name,
+            "--model",
+            args.model,
+            "--lengths",
+            ",".join(map(str, args.lengths)),
+            "--reps",
+            str(args.reps),
+            "--gpu-mem",
+            str(args.gpu_mem),
+            "--decode-tokens",
+            str(args.decode_tokens),
+            "--decode-batch",
+            str(args.decode_batch),
+            "--decode-prompt-len",
+            str(args.decode_prompt_len),
+        ]
+        if args.eager:
+            cmd.append("--eager")
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        got = [
+            json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")
+        ]
+        print(
+            f"[{name}] exit {proc.returncode}, {len(got)} results, {time.time() - t0:.0f}s",
+            flush=True,
+        )
+        if proc.returncode != 0:
+            print(proc.stderr[-4000:], flush=True)
+        rows += got
+    return rows
+
+
+def report(rows: list[dict], configs: list[str], out: Path | None) -> str:
+    ttft = {(r["config"], r["length"]): r for r in rows if "length" in r}
+    lengths = sorted({r["length"] for r in rows if "length" in r})
+    base = "flash" if "flash" in configs else configs[0]
+    head = "| config | " + " | ".join(f"{n // 1024}K" for n in lengths) + " | decode tok/s |"
+    lines = [head, "|" + "---|" * (len(lengths) + 2)]
+    decode = {r["config"]: r["decode_tok_per_s"] for r in rows if "decode_tok_per_s" in r}
+    for c in configs:
+        cells = []
+        for n in lengths:
+            r, b = ttft.get((c, n)), ttft.get((base, n))
+            if r is None:
+                cells.append("-")
+                continue
+            cell = f"{r['ttft_s'] * 1000:.0f} ms"
+            if b and c != base:
+                cell += f" ({b['ttft_s'] / r['ttft_s']:.2f}x)"
+            if r.get("density") is not None:
+                cell += f" d={r['density']:.3f}"
+            cells.append(cell)
+        dec = f"{decode[c]:.0f}" if c in decode else "-"
+        if c in decode and base in decode and c != base:
+            dec += f" ({decode[c] / decode[base] - 1:+.1%})"
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {dec} |")
+    table = "\n".join(lines)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ttft.json").write_text(json.dumps(rows, indent=1))
+        (out / "ttft.md").write_text(table + "\n")
+        with open(out / "ttft.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["config", "length", "ttft_s", "density"])
+            for r in rows:
+                if "length" in r:
+                    w.writerow([r["config"], r["length"], r["ttft_s"], r.get("density")])
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="local model folder (config + tokenizer)")
+    ap.add_argument("--lengths", default="8k,16k,32k,64k,128k")
+    ap.add_argument("--configs", default="flash,pbs-d10,pbs-d5,pbs-d25,pbs-tau")
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--gpu-mem", type=float, default=0.90)
+    ap.add_argument("--eager", action="store_true", help="skip torch.compile / CUDA graphs")
+    ap.add_argument("--decode-tokens", type=int, default=0, help="0 = skip decode timing")
+    ap.add_argument("--decode-batch", type=int, default=32)
+    ap.add_argument("--decode-prompt-len", type=int, default=1024)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    args.lengths = [parse_length(x) for x in args.lengths.split(",")]
+    if args.worker:
+        run_worker(args)
+        return
+    args.configs = args.configs.split(",")
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}")
+    rows = run_all(args)
+    print(report(rows, args.configs, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,440 @@
+"""PBS attention forward in Triton: flash attention over a PBSBlockMask and a paged cache.
+
+One program computes one query tile of one KV head. A tile's rows are (token, group head)
+pairs of a single query block, so every K/V tile it loads serves the whole query-head group
+(any group size: MHA, GQA, MQA). Per tile, one online softmax (exp2, scale folded into log2
+space, fp32 accumulators) runs over
+  phase 1: the selected permuted key blocks, gathered through perm and the block table
+           (they precede the query block, so no mask);
+  phase 2: the dense causal region [own_start, last query position], masked only on the
+           tiles that cross the diagonal (pos_k <= pos_q on original positions).
+K/V are read in place with the cache's strides: no copy, no permuted copy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks
+from pbs_vllm.kernels.paged import PagedKV
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _attend(
+    acc,
+    m_i,
+    l_i,
+    q,
+    pos_k,
+    pos_q,
+    k_ok,
+    k_base,
+    v_base,
+    bt_row,
+    offs_d,
+    stride_kp,
+    stride_ks,
+    stride_kd,
+    stride_vp,
+    stride_vs,
+    stride_vd,
+    qk_scale,
+    PAGE_SIZE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over BLOCK_N keys at original positions pos_k [BLOCK_N].
+
+    k_ok [BLOCK_N] guards the loads; CAUSAL also masks scores where pos_k > pos_q.
+    """
+    page = tl.load(bt_row + pos_k // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
+    slot = pos_k % PAGE_SIZE
+    k = tl.load(
+        k_base
+        + page[None, :] * stride_kp
+        + slot[None, :] * stride_ks
+        + offs_d[:, None] * stride_kd,
+        mask=k_ok[None, :],
+        other=0.0,
+    )  # [D, BLOCK_N]
+    qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+    if CAUSAL:
+        qk = tl.where(pos_k[None, :] <= pos_q[:, None], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(
+        v_base
+        + page[:, None] * stride_vp
+        + slot[:, None] * stride_vs
+        + offs_d[None, :] * stride_vd,
+        mask=k_ok[:, None],
+        other=0.0,
+    )  # [BLOCK_N, D]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _pbs_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    block_table_ptr,
+    tiles_ptr,
+    qb_seq_ptr,
+    qb_row_ptr,
+    qb_len_ptr,
+    qb_pos_ptr,
+    own_start_ptr,
+    kv_num_ptr,
+    kv_idx_ptr,
+    perm_ptr,
+    perm_off_ptr,
+    qk_scale,
+    lse_tokens,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_bt,
+    stride_kvn_h,
+    stride_kvi_h,
+    stride_kvi_q,
+    stride_perm_h,
+    HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    qb = tl.load(tiles_ptr + 2 * tile)
+    first = tl.load(tiles_ptr + 2 * tile + 1)  # first (token, group head) row in the block
+    seq = tl.load(qb_seq_ptr + qb)
+    q_row0 = tl.load(qb_row_ptr + qb)
+    q_len = tl.load(qb_len_ptr + qb)
+    q_pos0 = tl.load(qb_pos_ptr + qb)
+    own_start = tl.load(own_start_ptr + qb)
+
+    offs_m = first + tl.arange(0, BLOCK_M)
+    tok = offs_m // GROUP
+    head = h * GROUP + offs_m % GROUP
+    row_ok = tok < q_len  # padding rows of the block's last tile: zero q, never stored
+    pos_q = q_pos0 + tok
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr
+        + (q_row0 + tok)[:, None].to(tl.int64) * stride_qt
+        + head[:, None] * stride_qh
+        + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+
+    # Finite start so that exp2(m_i - m_new) is 0, never NaN, before the first key.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_base = k_ptr + h * stride_kh
+    v_base = v_ptr + h * stride_vh
+    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+    all_keys = offs_n >= 0
+
+    # Phase 1: selected permuted blocks, each BLOCK_B slots walked in BLOCK_N steps.
+    SUB: tl.constexpr = BLOCK_B // BLOCK_N
+    n_sel = tl.load(kv_num_ptr + h * stride_kvn_h + qb)
+    idx_row = kv_idx_ptr + h * stride_kvi_h + qb.to(tl.int64) * stride_kvi_q
+    perm_row = perm_ptr + h.to(tl.int64) * stride_perm_h + tl.load(perm_off_ptr + seq)
+    for it in range(0, n_sel * SUB):
+        blk = tl.load(idx_row + it // SUB)
+        slots = blk * BLOCK_B + (it % SUB) * BLOCK_N + offs_n
+        pos_k = tl.load(perm_row + slots)
+        acc, m_i, l_i = _attend(
+            acc,
+            m_i,
+            l_i,
+            q,
+            pos_k,
+            pos_q,
+            all_keys,
+            k_base,
+            v_base,
+            bt_row,
+            offs_d,
+            stride_kp,
+            stride_ks,
+            stride_kd,
+            stride_vp,
+            stride_vs,
+            stride_vd,
+            qk_scale,
+            PAGE_SIZE,
+            False,
+            DOT_PRECISION,
+        )
+
+    # Phase 2: dense causal region; keys up to the tile's first query need no mask.
+    first_q = q_pos0 + first // GROUP
+    last_q = q_pos0 + tl.minimum((first + BLOCK_M - 1) // GROUP, q_len - 1)
+    unmasked_end = own_start + ((first_q + 1 - own_start) // BLOCK_N) * BLOCK_N
+    for start in range(own_start, unmasked_end, BLOCK_N):
+        acc, m_i, l_i = _attend(
+            acc,
+            m_i,
+            l_i,
+            q,
+            start + offs_n,
+            pos_q,
+            all_keys,
+            k_base,
+            v_base,
+            bt_row,
+            offs_d,
+            stride_kp,
+            stride_ks,
+            stride_kd,
+            stride_vp,
+            stride_vs,
+            stride_vd,
+            qk_scale,
+            PAGE_SIZE,
+            False,
+            DOT_PRECISION,
+        )
+    for start in range(unmasked_end, last_q + 1, BLOCK_N):
+        pos_k = start + offs_n
+        acc, m_i, l_i = _attend(
+            acc,
+            m_i,
+            l_i,
+            q,
+            pos_k,
+            pos_q,
+            pos_k <= last_q,
+            k_base,
+            v_base,
+            bt_row,
+            offs_d,
+            stride_kp,
+            stride_ks,
+            stride_kd,
+            stride_vp,
+            stride_vs,
+            stride_vd,
+            qk_scale,
+            PAGE_SIZE,
+            True,
+            DOT_PRECISION,
+        )
+
+    acc = acc / l_i[:, None]
+    tl.store(
+        out_ptr
+        + (q_row0 + tok)[:, None].to(tl.int64) * stride_ot
+        + head[:, None] * stride_oh
+        + offs_d[None, :] * stride_od,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+    if STORE_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
+        tl.store(lse_ptr + head.to(tl.int64) * lse_tokens + q_row0 + tok, lse, mask=row_ok)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop key tiles that do not divide the mask's block size."""
+    block_b = named_args["BLOCK_B"] if "BLOCK_B" in named_args else kwargs["BLOCK_B"]
+    kept = [c for c in configs if block_b % c.kwargs["BLOCK_N"] == 0]
+    return kept or [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+
+
+_TUNED_CONFIGS = [
+    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+    for n in (64, 128)
+    for w in (4, 8)
+    for s in (2, 3)
+]
+_pbs_fwd_tuned = triton.autotune(
+    configs=_TUNED_CONFIGS,
+    key=["HEAD_DIM", "GROUP", "BLOCK_B", "PAGE_SIZE"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_pbs_fwd_kernel)
+
+
+def _block_m(head_dim: int, dtype: torch.dtype) -> int:
+    """Rows per query tile: smaller under the interpreter, for fp32 and the widest heads."""
+    if _interpreted():
+        return 32
+    return 128 if head_dim <= 128 and dtype != torch.float32 else 64
+
+
+def _tile_table(mask: PBSBlockMask, group: int, block_m: int) -> torch.Tensor:
+    """[num_tiles, 2] int32 on the mask's device: (query block, first row) per tile.
+
+    A query block of L tokens has L * group rows, split into ceil(L * group / block_m)
+    tiles. The latest query blocks (the most keys under a causal mask) come first.
+    Cached on the mask, so the layers of one step share a single plan.
+    """
+    key = (group, block_m)
+    if key not in mask.plans:
+        lengths = QueryBlocks.of(mask.batch, mask.block_size).length.long()
+        n_tiles = (lengths * group + block_m - 1) // block_m
+        qb = torch.repeat_interleave(torch.arange(len(lengths)), n_tiles)
+        first_tile = torch.cumsum(n_tiles, 0) - n_tiles
+        first_row = (torch.arange(len(qb)) - first_tile[qb]) * block_m
+        table = torch.stack([qb, first_row], dim=1).flip(0).to(torch.int32)
+        mask.plans[key] = table.contiguous().to(mask.own_start.device)
+    return mask.plans[key]
+
+
+def _check_inputs(
+    q: torch.Tensor, kv: PagedKV, mask: PBSBlockMask, out: torch.Tensor | None
+) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [tokens, heads, head_dim], got shape {tuple(q.shape)}")
+    t, hq, d = q.shape
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q dtype {q.dtype}: must be one of {_DTYPES}")
+    for name, cache in (("key_cache", kv.key_cache), ("value_cache", kv.value_cache)):
+        if cache.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {cache.dtype} differs from q dtype {q.dtype}")
+        if cache.device != q.device:
+            raise ValueError(f"{name} is on {cache.device}, q on {q.device}")
+    if kv.head_dim != d:
+        raise ValueError(f"head dim mismatch: q has {d}, the K/V cache {kv.head_dim}")
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"head_dim={d}: must be a power of two in [16, 256]")
+    hkv = kv.num_kv_heads
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if mask.num_kv_heads != hkv:
+        raise ValueError(f"mask has {mask.num_kv_heads} KV heads, the K/V cache {hkv}")
+    if t != sum(mask.batch.q_lens):
+        raise ValueError(
+            f"q has {t} tokens but the mask's batch has sum(q_lens)={sum(mask.batch.q_lens)}"
+        )
+    if kv.block_table.shape[0] < len(mask.batch):
+        raise ValueError(
+            f"block_table has {kv.block_table.shape[0]} rows for {len(mask.batch)} sequences"
+        )
+    bs = mask.block_size
+    if bs < 16 or bs & (bs - 1):
+        raise ValueError(f"mask block_size={bs}: must be a power of two >= 16")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(
+            f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), got "
+            f"({tuple(out.shape)}, {out.dtype}, {out.device})"
+        )
+
+
+def pbs_attention(
+    q: torch.Tensor,
+    kv: PagedKV,
+    mask: PBSBlockMask,
+    scale: float,
+    out: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """PBS (or, with `dense_block_mask`, dense causal) attention of a chunk batch.
+
+    q: [T, Hq, D] (any strides), queries in original token order of `mask.batch`.
+    kv: paged cache holding every key [0, seq_len) of each sequence (any strides).
+    mask: which keys each query block attends; its tensors on q's device.
+    scale: softmax scale (usually D ** -0.5).
+    out: optional [T, Hq, D] in q's dtype (any strides), written in place.
+    Returns out [T, Hq, D] in q's dtype, and with return_lse=True also the natural-log
+    sum-exp of the scaled scores, [Hq, T] float32.
+    """
+    _check_inputs(q, kv, mask, out)
+    t, hq, d = q.shape
+    hkv = kv.num_kv_heads
+    group = hq // hkv
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(hq, t, dtype=torch.float32, device=q.device) if return_lse else out
+    block_m = _block_m(d, q.dtype)
+    tiles = _tile_table(mask, group, block_m)
+    qb = mask.qblocks
+    kc, vc, bt = kv.key_cache, kv.value_cache, kv.block_table.contiguous()
+    # Index tensors are small; the kernel assumes unit stride along their last dim.
+    kv_num, kv_idx, perm = (
+        x.contiguous() for x in (mask.kv_num_blocks, mask.kv_indices, mask.perm)
+    )
+    args = (
+        q,
+        kc,
+        vc,
+        out,
+        lse,
+        bt,
+        tiles,
+        qb.seq,
+        qb.row,
+        qb.length,
+        qb.pos,
+        mask.own_start,
+        kv_num,
+        kv_idx,
+        perm,
+        mask.perm_offset,
+        scale * _LOG2E,
+        t,
+        *q.stride(),
+        *out.stride(),
+        *kc.stride(),
+        *vc.stride(),
+        bt.stride(0),
+        kv_num.stride(0),
+        kv_idx.stride(0),
+        kv_idx.stride(1),
+        perm.stride(0),
+    )
+    meta = dict(
+        HEAD_DIM=d,
+        GROUP=group,
+        BLOCK_B=mask.block_size,
+        PAGE_SIZE=kv.page_size,
+        STORE_LSE=return_lse,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m,
+    )
+    grid = (tiles.shape[0], hkv)
+    if _interpreted():
+        _pbs_fwd_kernel[grid](*args, **meta, BLOCK_N=min(mask.block_size, 32))
+    elif q.dtype == torch.float32:
+        # Exact fp32 dots run on FMA units; small fixed tiles keep them in registers and
+        # spare the autotuner minutes of slow candidates (fp32 is a checking path).
+        _pbs_fwd_kernel[grid](*args, **meta, BLOCK_N=32, num_warps=4, num_stages=2)
+    else:
+        _pbs_fwd_tuned[grid](*args, **meta)
+    return (out, lse) if return_lse else out
