@@ -52,50 +52,49 @@ def serve_and_complete(
     ]
     if backend == "pbs":
         cmd += ["--additional-config", json.dumps(FULL_MASK)]
-    log = open(f"/tmp/serve-{backend}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + startup_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{backend} server exited with {proc.returncode}; see /tmp/serve-{backend}.log"
-                )
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.time() > deadline:
-                    raise TimeoutError(f"{backend} server not healthy in {startup_s}s") from None
-                time.sleep(2)
-        out = []
-        for p in PROMPTS:
-            r = _post(
-                f"http://127.0.0.1:{port}/v1/completions",
-                {
-                    "model": model,
-                    "prompt": p,
-                    "max_tokens": tokens,
-                    "temperature": 0,
-                    "logprobs": 1,
-                },
-            )
-            ch = r["choices"][0]
-            out.append(
-                {
-                    "text": ch["text"],
-                    "tokens": ch["logprobs"]["tokens"],
-                    "logprobs": ch["logprobs"]["token_logprobs"],
-                }
-            )
-        return out
-    finally:
-        proc.terminate()
+    with open(f"/tmp/serve-{backend}.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            return _wait_and_complete(proc, model, backend, port, tokens, startup_s)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _wait_and_complete(
+    proc, model: str, backend: str, port: int, tokens: int, startup_s: int
+) -> list[dict]:
+    deadline = time.time() + startup_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{backend} server exited with {proc.returncode}; see /tmp/serve-{backend}.log"
+            )
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if time.time() > deadline:
+                raise TimeoutError(f"{backend} server not healthy in {startup_s}s") from None
+            time.sleep(2)
+    out = []
+    for p in PROMPTS:
+        r = _post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            {"model": model, "prompt": p, "max_tokens": tokens, "temperature": 0, "logprobs": 1},
+        )
+        ch = r["choices"][0]
+        out.append(
+            {
+                "text": ch["text"],
+                "tokens": ch["logprobs"]["tokens"],
+                "logprobs": ch["logprobs"]["token_logprobs"],
+            }
+        )
+    return out
 
 
 def main() -> int:
