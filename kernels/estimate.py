@@ -1,0 +1,97 @@
+"""PBS block-mask estimation (spec section 2, steps 1-4, chunked as in section 3).
+
+Per sequence of the batch: Triton key importance over its permuted region, a stable
+per-segment sort into the permutation, Triton pooling of the permuted key blocks, then
+batched torch block probabilities and selection over all of its query blocks and KV heads.
+No host-device synchronisation: every size comes from the host-side ChunkBatch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks
+from pbs_vllm.kernels.block_pool import pool_key_blocks, pool_query_blocks
+from pbs_vllm.kernels.importance import key_importance
+from pbs_vllm.kernels.inputs import check_prefill_inputs, permuted_region_lengths
+from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
+from pbs_vllm.kernels.params import SparsityParams
+from pbs_vllm.kernels.selection import block_probs, density_cap, select_blocks
+
+
+def segment_permutation(scores: torch.Tensor, segment_size: int) -> torch.Tensor:
+    """Sort keys inside each segment by descending score, ties by position.
+
+    scores [Hkv, n] (n a multiple of segment_size) -> perm [Hkv, n] int32, perm[h, slot] =
+    original position.
+    """
+    hkv, n = scores.shape
+    order = (
+        scores.view(hkv, n // segment_size, segment_size)
+        .sort(dim=-1, descending=True, stable=True)
+        .indices
+    )
+    order += torch.arange(0, n, segment_size, device=scores.device).view(1, -1, 1)
+    return order.view(hkv, n).int()
+
+
+def build_block_mask(
+    q: torch.Tensor, kv: PagedKV, batch: ChunkBatch, params: SparsityParams, scale: float
+) -> PBSBlockMask:
+    """PBS block mask of q [T, Hq, D] (rows in batch order) over the paged cache.
+
+    Each sequence's permuted region is the whole segments before its last query's segment;
+    query blocks of sequences without one get no permuted blocks (dense own segment only).
+    """
+    check_prefill_inputs(q, kv, batch)
+    bs, ss, hkv, dev = params.block_size, params.segment_size, kv.num_kv_heads, q.device
+    stride = params.antidiagonal_stride if params.scoring == "antidiagonal" else 1
+    qb_host = QueryBlocks.of(batch, bs)
+    qb = qb_host.to(dev)
+    n_perm = permuted_region_lengths(batch, ss)
+    offsets = [0]
+    for n in n_perm:
+        offsets.append(offsets[-1] + n)
+    blocks_per_seq = torch.bincount(qb_host.seq, minlength=len(batch)).tolist()
+    width = max(n // bs for n in n_perm) if any(n_perm) else 1
+    if params.max_density is not None:
+        width = int(density_cap(torch.tensor(width), params.max_density))
+
+    i32 = dict(dtype=torch.int32, device=dev)
+    perm = torch.empty(hkv, offsets[-1], **i32)
+    kv_num_blocks = torch.zeros(hkv, len(qb), **i32)
+    kv_indices = torch.zeros(hkv, len(qb), width, **i32)
+    q_pool = pool_query_blocks(q, qb, bs, stride) if any(n_perm) else None
+    k0 = 0
+    for b, n in enumerate(n_perm):
+        k1 = k0 + blocks_per_seq[b]
+        if n:
+            perm_b = perm[:, offsets[b] : offsets[b] + n]
+            if params.permute:
+                q_end, nq = batch.cu_seqlens_q[b + 1], min(bs, batch.q_lens[b])
+                q_pos = batch.seq_lens[b] - nq
+                scores = key_importance(q[q_end - nq : q_end], kv, b, q_pos, n, scale)
+                perm_b.copy_(segment_permutation(scores, ss))
+            else:
+                perm_b.copy_(torch.arange(n, **i32))
+            k_pool = pool_key_blocks(kv, b, perm_b, bs, stride)
+            n_cand = qb.pos[k0:k1] // ss * (ss // bs)
+            sink = (perm_b[:, :ss] == 0).int().argmax(dim=-1) // bs
+            p = block_probs(q_pool[:, k0:k1], k_pool, n_cand, scale)
+            del k_pool  # bound peak memory: the selection temporaries come next
+            num, ids = select_blocks(p, n_cand, sink, params)
+            kv_num_blocks[:, k0:k1] = num
+            keep_width = min(width, ids.shape[-1])
+            kv_indices[:, k0:k1, :keep_width] = ids[..., :keep_width]
+        k0 = k1
+    return PBSBlockMask(
+        batch=batch,
+        block_size=bs,
+        segment_size=ss,
+        qblocks=qb,
+        own_start=qb.pos // ss * ss,
+        kv_num_blocks=kv_num_blocks,
+        kv_indices=kv_indices,
+        perm=perm,
+        perm_offset=torch.tensor(offsets[:-1], **i32),
+    )

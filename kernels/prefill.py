@@ -1,0 +1,36 @@
+"""`pbs_prefill`: estimate the PBS mask of a chunk batch and run block-sparse attention.
+
+This is the entry point of the vLLM backend for the prefill part of a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pbs_vllm.kernels.attention import pbs_attention
+from pbs_vllm.kernels.block_mask import PBSBlockMask, dense_block_mask
+from pbs_vllm.kernels.estimate import build_block_mask
+from pbs_vllm.kernels.inputs import permuted_region_lengths
+from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
+from pbs_vllm.kernels.params import SparsityParams
+
+
+def pbs_prefill(
+    q: torch.Tensor,
+    kv: PagedKV,
+    batch: ChunkBatch,
+    params: SparsityParams,
+    scale: float,
+    out: torch.Tensor | None = None,
+    dense: bool = False,
+) -> tuple[torch.Tensor, PBSBlockMask]:
+    """Causal attention of q [T, Hq, D] over the paged cache; returns (out [T, Hq, D], mask).
+
+    The mask is PBS-sparse, or the full causal `dense_block_mask` when `dense` is set or
+    no sequence reaches past its first segment (nothing to permute or skip).
+    """
+    if dense or not any(permuted_region_lengths(batch, params.segment_size)):
+        mask = dense_block_mask(batch, params.block_size, kv.num_kv_heads, q.device)
+    else:
+        mask = build_block_mask(q, kv, batch, params, scale)
+    return pbs_attention(q, kv, mask, scale, out=out), mask
