@@ -1,0 +1,214 @@
+"""`pbs-vllm`: serve the tiny model, run benchmarks, inspect masks, report mask fidelity.
+
+pbs-vllm serve-tiny [--host H] [--port P] [--dry-run] [extra vllm serve args...]
+pbs-vllm bench [bench_kernels.py args...]
+pbs-vllm inspect (--synthetic [--seq-len N ...] | --qkv FILE.pt) [--tau T] [--png PATH]
+pbs-vllm fidelity (--synthetic ... | --qkv FILE.pt) [--taus T ...] [--csv PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# CPU-friendly PBS settings for the 2-layer tiny model (see `serve-tiny`).
+TINY_PBS_CONFIG = {"block_size": 16, "segment_size": 32, "tau": 0.9, "dense_fallback_len": 64}
+BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_kernels.py"
+
+
+def serve_tiny_command(host: str | None, port: int, extra: list[str]) -> list[str]:
+    """The `vllm serve` command line for the embedded tiny Llama with the PBS backend."""
+    from pbs_vllm.models import tiny_llama_path
+
+    venv_vllm = Path(sys.executable).with_name("vllm")
+    vllm = str(venv_vllm) if venv_vllm.exists() else shutil.which("vllm")
+    if vllm is None:
+        raise SystemExit("pbs-vllm: no `vllm` executable beside this Python or on PATH")
+    cmd = [
+        vllm,
+        "serve",
+        tiny_llama_path(),
+        "--served-model-name",
+        "tiny-llama",
+        "--attention-backend",
+        "pbs",
+        "--additional-config",
+        json.dumps({"pbs": TINY_PBS_CONFIG}),
+        "--max-model-len",
+        "4096",
+        "--enforce-eager",
+        "--port",
+        str(port),
+    ]
+    if host is not None:
+        cmd += ["--host", host]
+    return cmd + extra
+
+
+def serve_tiny_env(dry_run: bool) -> dict[str, str]:
+    """Variables `serve-tiny` adds: the PBS CPU platform without CUDA, and a fresh
+    prometheus multiprocess directory so pbs:* metrics reach `/metrics` (pbs_vllm.metrics).
+    With dry_run the directory is the shell expression "$(mktemp -d)", not created."""
+    import torch
+
+    from pbs_vllm.metrics import MULTIPROC_ENV
+    from pbs_vllm.plugin import CPU_PLATFORM_ENV
+
+    env = {}
+    if not torch.cuda.is_available():
+        env[CPU_PLATFORM_ENV] = "1"
+    if MULTIPROC_ENV not in os.environ:
+        fresh = '"$(mktemp -d)"' if dry_run else tempfile.mkdtemp(prefix="pbs-vllm-metrics-")
+        env[MULTIPROC_ENV] = fresh
+    return env
+
+
+def cmd_serve_tiny(args: argparse.Namespace, extra: list[str]) -> int:
+    cmd = serve_tiny_command(args.host, args.port, extra)
+    env = serve_tiny_env(args.dry_run)
+    if args.dry_run:
+        print(" ".join([f"{k}={v}" for k, v in env.items()] + [shlex.join(cmd)]))
+        return 0
+    sys.stdout.flush()
+    os.execve(cmd[0], cmd, {**os.environ, **env})
+
+
+def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    """Run benchmarks/bench_kernels.py (a script with its own argparse) in a subprocess."""
+    if not BENCH_SCRIPT.exists():
+        raise SystemExit(
+            f"pbs-vllm bench: {BENCH_SCRIPT} not found; it ships with the source tree, "
+            "not the wheel: run from a checkout (pip install -e .)"
+        )
+    return subprocess.call([sys.executable, str(BENCH_SCRIPT), *extra])
+
+
+def load_prompt(args: argparse.Namespace):
+    """PromptAttention from --qkv (a torch.save'd dict with q, k, v) or the generator."""
+    import torch
+
+    from pbs_vllm.fidelity.report import PromptAttention
+    from pbs_vllm.fidelity.synthetic import SyntheticSpec, make_synthetic_qkv
+
+    if args.qkv is not None:
+        saved = torch.load(args.qkv, map_location="cpu", weights_only=True)
+        missing = [name for name in ("q", "k", "v") if name not in saved]
+        if not isinstance(saved, dict) or missing:
+            raise SystemExit(
+                f"pbs-vllm: {args.qkv} must hold a dict with tensors q [N, Hq, D], "
+                f"k and v [N, Hkv, D]; missing {missing}"
+            )
+        q, k, v = saved["q"], saved["k"], saved["v"]
+    else:
+        spec = SyntheticSpec(
+            seq_len=args.seq_len,
+            num_q_heads=args.q_heads,
+            num_kv_heads=args.kv_heads,
+            head_dim=args.head_dim,
+            seed=args.seed,
+        )
+        s = make_synthetic_qkv(spec)
+        q, k, v = s.q, s.k, s.v
+    try:
+        return PromptAttention(q, k, v)
+    except ValueError as e:
+        raise SystemExit(f"pbs-vllm: {e}") from None
+
+
+def cmd_inspect(args: argparse.Namespace, extra: list[str]) -> int:
+    from pbs_vllm.fidelity.report import compare_at_tau, format_table
+    from pbs_vllm.kernels.params import SparsityParams
+
+    prompt = load_prompt(args)
+    params = SparsityParams(
+        block_size=args.block_size, segment_size=args.segment_size, tau=args.tau
+    )
+    rows, masks = compare_at_tau(prompt, params)
+    print(format_table(rows))
+    if args.png is not None:
+        from pbs_vllm.fidelity.heatmap import plot_selection_heatmap
+
+        plot_selection_heatmap(masks["unpermuted"], masks["pbs"], args.head, args.png)
+        print(f"heatmap of KV head {args.head}: {args.png}")
+    return 0
+
+
+def cmd_fidelity(args: argparse.Namespace, extra: list[str]) -> int:
+    from pbs_vllm.fidelity.report import fidelity_report, format_table, write_csv
+
+    prompt = load_prompt(args)
+    rows = fidelity_report(prompt, args.taus, args.block_size, args.segment_size, progress=True)
+    print(format_table(rows))
+    if args.csv is not None:
+        write_csv(rows, args.csv)
+        print(f"csv: {args.csv}")
+    return 0
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--synthetic", action="store_true", help="use the synthetic generator")
+    src.add_argument("--qkv", type=Path, help="torch.save'd dict of q [N,Hq,D], k, v [N,Hkv,D]")
+    p.add_argument("--seq-len", type=int, default=1024, help="synthetic: tokens (default 1024)")
+    p.add_argument("--q-heads", type=int, default=4, help="synthetic: query heads")
+    p.add_argument("--kv-heads", type=int, default=2, help="synthetic: KV heads")
+    p.add_argument("--head-dim", type=int, default=64, help="synthetic: head dim")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: seed")
+    p.add_argument("--block-size", type=int, default=32, help="PBS block size B")
+    p.add_argument("--segment-size", type=int, default=128, help="PBS segment size S")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pbs-vllm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "serve-tiny",
+        help="serve the embedded tiny Llama with PBS (unknown args go to vllm serve)",
+    )
+    p.add_argument("--host", default=None, help="bind address (vLLM's default if unset)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.set_defaults(func=cmd_serve_tiny, takes_extra=True)
+
+    # no -h of its own: `pbs-vllm bench --help` shows the benchmark's options
+    p = sub.add_parser(
+        "bench", add_help=False, help="run benchmarks/bench_kernels.py with the given args"
+    )
+    p.set_defaults(func=cmd_bench, takes_extra=True)
+
+    p = sub.add_parser("inspect", help="PBS vs unpermuted vs oracle masks of one prompt")
+    _add_input_args(p)
+    p.add_argument("--tau", type=float, default=0.9)
+    p.add_argument("--head", type=int, default=0, help="KV head drawn in the heatmap")
+    p.add_argument("--png", type=Path, default=None, help="write the selection heatmap here")
+    p.set_defaults(func=cmd_inspect, takes_extra=False)
+
+    p = sub.add_parser("fidelity", help="recall and output error over tau values")
+    _add_input_args(p)
+    p.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    p.add_argument("--csv", type=Path, default=None, help="also write the table as CSV")
+    p.set_defaults(func=cmd_fidelity, takes_extra=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not args.takes_extra:
+        parser.error(f"unrecognized arguments for {args.command}: {' '.join(extra)}")
+    try:
+        return args.func(args, extra)
+    except ValueError as e:  # bad sizes or parameters, e.g. from SparsityParams
+        parser.exit(2, f"pbs-vllm {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
