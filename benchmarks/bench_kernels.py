@@ -7,9 +7,11 @@ on the dense mask, torch SDPA (cuDNN and flash backends), FlexAttention with the
 selection on unpermuted blocks, and the mask estimator alone. Also one chunked case: a 16K
 chunk over a 128K prefix. Times are medians of triton.testing.do_bench; TFLOP/s count the
 (query, key) pairs actually attended; speedups are against dense cuDNN of the same case.
+The kernel is autotuned once, on a 32K dense call, before the 8K correctness check.
 
-    python benchmarks/bench_kernels.py [--sizes 8192 131072] [--csv out.csv]
-Results go to --csv, or to $OUT/bench_kernels.csv when $OUT is set.
+    python benchmarks/bench_kernels.py [--quick] [--sizes 8192 131072] [--out DIR]
+--quick: 32K and 128K; cuDNN, Flex at 0.1, ours dense and at 0.05/0.1/0.25/1.0, estimate.
+Results (bench_kernels.csv, bench_kernels.md) go to --out, or to $OUT when it is set.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ FIELDS = [
     "tflops",
     "speedup_vs_cudnn",
     "speedup_vs_dense_pbs",
+    "speedup_vs_flex",
     "peak_extra_mib",
 ]
 
@@ -169,6 +172,14 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+def tune(seed: int) -> None:
+    """Autotune at 32K (dense mask): the config then serves every size of this run."""
+    case = Case("tune", 0, 32768)
+    inp = make_inputs(case, seed)
+    pbs_attention(inp.q, inp.kv, dense_block_mask(case.batch, BLOCK, HKV, "cuda"), D**-0.5)
+    torch.cuda.synchronize()
+
+
 def check_correctness(seed: int) -> None:
     """At 8K: dense kernel vs SDPA, and a 10% mask vs the PyTorch reference."""
     case = Case("check", 0, 8192)
@@ -205,7 +216,16 @@ def print_compiled_kernels() -> None:
         print(f"  compiled variants not readable on this Triton: {e!r}")
 
 
-def run_case(case: Case, fractions, flex_fractions, seed: int, rows: list[dict]) -> None:
+SDPA_BACKENDS = {
+    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+
+
+def run_case(
+    case: Case, fractions, flex_fractions, sdpa: list[str], seed: int, rows: list[dict]
+) -> None:
     """Time every method on one case; flex_fractions empty skips FlexAttention."""
     inp = make_inputs(case, seed)
     dense = dense_block_mask(case.batch, BLOCK, HKV, "cuda")
@@ -220,15 +240,12 @@ def run_case(case: Case, fractions, flex_fractions, seed: int, rows: list[dict])
                 method=method,
                 density=round(density, 4),
                 ms=ms,
-                tflops=flops / ms / 1e9 if ms else None,
+                tflops=flops / ms / 1e9 if flops and ms else None,
             )
         )
 
-    for name, backend in (
-        ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
-        ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-        ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
-    ):
+    for name in sdpa:
+        backend = SDPA_BACKENDS[name]
         if name == "sdpa_efficient" and not case.ctx:
             continue  # only where the lower-right causal mask rules the others out
         try:
@@ -251,6 +268,11 @@ def run_case(case: Case, fractions, flex_fractions, seed: int, rows: list[dict])
                 record(f"flex_{frac:g}", bench(flex_fn(inp, mask, case)), mask.density(), flops)
             except Exception as e:  # FlexAttention compiles through inductor: report, go on
                 print(f"{case.name} flex: not run ({type(e).__name__}: {str(e)[:200]})")
+    # Per layer in serving (each layer has its own mask): perm composed with the block
+    # table, which the timings above reuse from the mask's cache.
+    if fractions:
+        build_rows = lambda: (mask.plans.pop("rows"), attention_mod._row_table(mask, inp.kv))
+        record("row_table", bench(build_rows), mask.density(), None)
     run_estimator(case, inp, rows)
 
 
@@ -285,6 +307,8 @@ def run_estimator(case: Case, inp: Inputs, rows: list[dict]) -> None:
 
 
 def add_speedups(rows: list[dict]) -> None:
+    """Speedups against cuDNN and our dense mask (same case), and against Flex at the
+    same selection fraction (pbs_<f> vs flex_<f>)."""
     for base_method, column in (
         ("sdpa_cudnn", "speedup_vs_cudnn"),
         ("pbs_dense_mask", "speedup_vs_dense_pbs"),
@@ -292,21 +316,66 @@ def add_speedups(rows: list[dict]) -> None:
         base = {r["case"]: r["ms"] for r in rows if r["method"] == base_method}
         for r in rows:
             ms = base.get(r["case"])
-            r[column] = round(ms / r["ms"], 3) if ms and r["method"] != "estimate" else None
+            r[column] = round(ms / r["ms"], 3) if ms and r["tflops"] else None
+    flex = {(r["case"], r["method"][5:]): r["ms"] for r in rows if r["method"].startswith("flex_")}
+    for r in rows:
+        ms = flex.get((r["case"], r["method"][4:])) if r["method"].startswith("pbs_") else None
+        r["speedup_vs_flex"] = round(ms / r["ms"], 3) if ms else None
+
+
+def _cell(x, spec: str) -> str:
+    return format(x, spec) if x else "-"
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    """The rows as a markdown table, then the issue's targets per case where measured."""
+    lines = [
+        header,
+        "",
+        "| case | method | density | ms | TFLOP/s | x cuDNN | x dense (ours) | x Flex |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        method = r["method"]
+        if "peak_extra_mib" in r:
+            method += f" (peak extra {r['peak_extra_mib']} MiB)"
+        lines.append(
+            f"| {r['case']} | {method} | {r['density']:.3f} | {r['ms']:.2f} | "
+            f"{_cell(r['tflops'], '.0f')} | {_cell(r['speedup_vs_cudnn'], '.2f')} | "
+            f"{_cell(r['speedup_vs_dense_pbs'], '.2f')} | {_cell(r['speedup_vs_flex'], '.2f')} |"
+        )
+    by = {(r["case"], r["method"]): r for r in rows}
+    lines += ["", "| case | target | measured |", "|---|---|---|"]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        cudnn = by.get((case, "sdpa_cudnn"))
+        for method in ("pbs_dense_mask", "pbs_1"):
+            r = by.get((case, method))
+            if cudnn and r:
+                lines.append(
+                    f"| {case} | {method} throughput >= 90% of cuDNN | "
+                    f"{r['tflops'] / cudnn['tflops']:.0%} ({r['tflops']:.0f} vs "
+                    f"{cudnn['tflops']:.0f} TFLOP/s) |"
+                )
+        r = by.get((case, "pbs_0.1"))
+        if r and r["speedup_vs_cudnn"]:
+            lines.append(f"| {case} | pbs_0.1 >= 7x cuDNN | {r['speedup_vs_cudnn']:.2f}x |")
+        if r and r["speedup_vs_flex"]:
+            lines.append(f"| {case} | pbs_0.1 >= 1.3x Flex | {r['speedup_vs_flex']:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 def print_table(rows: list[dict]) -> None:
     print(
         f"{'case':>9} {'method':>15} {'density':>7} {'ms':>9} {'TFLOP/s':>7} "
-        f"{'x cuDNN':>7} {'x dense':>7}"
+        f"{'x cuDNN':>7} {'x dense':>7} {'x Flex':>7}"
     )
-    fmt = lambda x, spec: format(x, spec) if x else "-"
     for r in rows:
         extra = f"  peak extra {r['peak_extra_mib']} MiB" if "peak_extra_mib" in r else ""
         print(
             f"{r['case']:>9} {r['method']:>15} {r['density']:>7.4f} {r['ms']:>9.3f} "
-            f"{fmt(r['tflops'], '.0f'):>7} {fmt(r['speedup_vs_cudnn'], '.2f'):>7} "
-            f"{fmt(r['speedup_vs_dense_pbs'], '.2f'):>7}{extra}"
+            f"{_cell(r['tflops'], '.0f'):>7} {_cell(r['speedup_vs_cudnn'], '.2f'):>7} "
+            f"{_cell(r['speedup_vs_dense_pbs'], '.2f'):>7} "
+            f"{_cell(r['speedup_vs_flex'], '.2f'):>7}{extra}"
         )
 
 
@@ -329,15 +398,28 @@ def main() -> None:
         help="single-sequence sizes that also time FlexAttention (compiles per size)",
     )
     parser.add_argument("--no-chunk", action="store_true", help="skip the 16K-over-128K case")
+    parser.add_argument(
+        "--sdpa", nargs="*", choices=list(SDPA_BACKENDS), default=list(SDPA_BACKENDS)
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="32K and 128K only: cuDNN, Flex at 0.1, ours dense and at 0.05/0.1/0.25/1.0, "
+        "estimate (overrides --sizes/--fractions/--flex-*/--sdpa, implies --no-chunk)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--csv", default=None)
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="directory (default $OUT)")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.fractions, args.no_chunk = [32768, 131072], [0.05, 0.1, 0.25, 1.0], True
+        args.flex_fractions, args.flex_sizes, args.sdpa = [0.1], [32768, 131072], ["sdpa_cudnn"]
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
-    print(
-        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-        f"triton {triton.__version__}"
+    header = (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
     )
+    print(f"device: {header}")
+    tune(args.seed)
     check_correctness(args.seed)
     print_compiled_kernels()
     cases = [Case(f"{n // 1024}K", 0, n) for n in args.sizes]
@@ -346,19 +428,21 @@ def main() -> None:
     rows: list[dict] = []
     for case in cases:
         flex = set(args.flex_fractions) if case.q_len in args.flex_sizes and not case.ctx else set()
-        run_case(case, args.fractions, flex, args.seed, rows)
+        run_case(case, args.fractions, flex, args.sdpa, args.seed, rows)
         torch.cuda.empty_cache()
     add_speedups(rows)
     print_table(rows)
-    path = args.csv or (
-        os.path.join(os.environ["OUT"], "bench_kernels.csv") if os.environ.get("OUT") else None
-    )
-    if path:
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "bench_kernels.csv")
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        print(f"wrote {path}")
+        best = getattr(attention_mod._pbs_fwd_tuned, "best_config", None)
+        with open(os.path.join(args.out, "bench_kernels.md"), "w") as f:
+            f.write(markdown(rows, f"{header}; autotuned config: {best}"))
+        print(f"wrote {path} and bench_kernels.md")
 
 
 if __name__ == "__main__":

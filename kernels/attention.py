@@ -4,10 +4,12 @@ One program computes one query tile of one KV head. A tile's rows are (token, gr
 pairs of a single query block, so every K/V tile it loads serves the whole query-head group
 (any group size: MHA, GQA, MQA). Per tile, one online softmax (exp2, scale folded into log2
 space, fp32 accumulators) runs over
-  phase 1: the selected permuted key blocks, gathered through perm and the block table
-           (they precede the query block, so no mask);
-  phase 2: the dense causal region [own_start, last query position], masked only on the
-           tiles that cross the diagonal (pos_k <= pos_q on original positions).
+  phase 1: the selected permuted key blocks, read through the mask's row table (perm
+           composed with the block table on the host side, once per mask and block table),
+           so each key tile needs one index load (they precede the query block: no mask);
+  phase 2: the dense causal region [own_start, last query position], pages looked up in the
+           block table, masked only on the tiles that cross the diagonal (pos_k <= pos_q on
+           original positions).
 K/V are read in place with the cache's strides: no copy, no permuted copy.
 """
 
@@ -31,17 +33,9 @@ def _interpreted() -> bool:
 
 
 @triton.jit
-def _attend(
-    acc,
-    m_i,
-    l_i,
-    q,
-    pos_k,
-    pos_q,
-    k_ok,
-    k_base,
-    v_base,
-    bt_row,
+def _kv_offsets(
+    page,
+    slot,
     offs_d,
     stride_kp,
     stride_ks,
@@ -49,41 +43,53 @@ def _attend(
     stride_vp,
     stride_vs,
     stride_vd,
+    SHARED_KV_STRIDES: tl.constexpr,
+):
+    """Element offsets [BLOCK_N, D] of K and V rows at (page, slot in page) [BLOCK_N].
+
+    With SHARED_KV_STRIDES (K and V views of one cache, as vLLM lays them out) both loads
+    use one offset tensor: half the address arithmetic and registers.
+    """
+    page = page.to(tl.int64)
+    k_offs = (page * stride_kp + slot * stride_ks)[:, None] + offs_d[None, :] * stride_kd
+    if SHARED_KV_STRIDES:
+        v_offs = k_offs
+    else:
+        v_offs = (page * stride_vp + slot * stride_vs)[:, None] + offs_d[None, :] * stride_vd
+    return k_offs, v_offs
+
+
+@triton.jit
+def _attend(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_ptrs,
+    v_ptrs,
     qk_scale,
-    PAGE_SIZE: tl.constexpr,
+    pos_k,
+    pos_q,
+    k_ok,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One online-softmax step over BLOCK_N keys at original positions pos_k [BLOCK_N].
+    """One online-softmax step over the BLOCK_N keys at k_ptrs / v_ptrs [BLOCK_N, D].
 
-    k_ok [BLOCK_N] guards the loads; CAUSAL also masks scores where pos_k > pos_q.
+    CAUSAL guards the loads with k_ok [BLOCK_N] and masks scores where pos_k > pos_q;
+    without it pos_k, pos_q and k_ok are unused and the loads are unpredicated.
     """
-    page = tl.load(bt_row + pos_k // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
-    slot = pos_k % PAGE_SIZE
-    k = tl.load(
-        k_base
-        + page[None, :] * stride_kp
-        + slot[None, :] * stride_ks
-        + offs_d[:, None] * stride_kd,
-        mask=k_ok[None, :],
-        other=0.0,
-    )  # [D, BLOCK_N]
-    qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+    k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0) if CAUSAL else tl.load(k_ptrs)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if CAUSAL:
         qk = tl.where(pos_k[None, :] <= pos_q[:, None], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(
-        v_base
-        + page[:, None] * stride_vp
-        + slot[:, None] * stride_vs
-        + offs_d[None, :] * stride_vd,
-        mask=k_ok[:, None],
-        other=0.0,
-    )  # [BLOCK_N, D]
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0) if CAUSAL else tl.load(v_ptrs)
+    # The dot accumulates into the rescaled acc in place (no second [BLOCK_M, D] buffer).
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -103,7 +109,7 @@ def _pbs_fwd_kernel(
     own_start_ptr,
     kv_num_ptr,
     kv_idx_ptr,
-    perm_ptr,
+    rows_ptr,
     perm_off_ptr,
     qk_scale,
     lse_tokens,
@@ -125,11 +131,12 @@ def _pbs_fwd_kernel(
     stride_kvn_h,
     stride_kvi_h,
     stride_kvi_q,
-    stride_perm_h,
+    stride_rows_h,
     HEAD_DIM: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_B: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    SHARED_KV_STRIDES: tl.constexpr,
     STORE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -166,30 +173,20 @@ def _pbs_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base = k_ptr + h * stride_kh
     v_base = v_ptr + h * stride_vh
-    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     offs_n = tl.arange(0, BLOCK_N)
-    all_keys = offs_n >= 0
 
-    # Phase 1: selected permuted blocks, each BLOCK_B slots walked in BLOCK_N steps.
+    # Phase 1: selected permuted blocks, each BLOCK_B slots walked in BLOCK_N steps; the
+    # row table gives each slot's cache row (page * PAGE_SIZE + slot in page) directly.
     SUB: tl.constexpr = BLOCK_B // BLOCK_N
     n_sel = tl.load(kv_num_ptr + h * stride_kvn_h + qb)
     idx_row = kv_idx_ptr + h * stride_kvi_h + qb.to(tl.int64) * stride_kvi_q
-    perm_row = perm_ptr + h.to(tl.int64) * stride_perm_h + tl.load(perm_off_ptr + seq)
+    rows_row = rows_ptr + h.to(tl.int64) * stride_rows_h + tl.load(perm_off_ptr + seq)
     for it in range(0, n_sel * SUB):
         blk = tl.load(idx_row + it // SUB)
-        slots = blk * BLOCK_B + (it % SUB) * BLOCK_N + offs_n
-        pos_k = tl.load(perm_row + slots)
-        acc, m_i, l_i = _attend(
-            acc,
-            m_i,
-            l_i,
-            q,
-            pos_k,
-            pos_q,
-            all_keys,
-            k_base,
-            v_base,
-            bt_row,
+        row = tl.load(rows_row + blk * BLOCK_B + (it % SUB) * BLOCK_N + offs_n)
+        k_offs, v_offs = _kv_offsets(
+            row // PAGE_SIZE,
+            row % PAGE_SIZE,
             offs_d,
             stride_kp,
             stride_ks,
@@ -197,28 +194,33 @@ def _pbs_fwd_kernel(
             stride_vp,
             stride_vs,
             stride_vd,
+            SHARED_KV_STRIDES,
+        )
+        acc, m_i, l_i = _attend(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base + k_offs,
+            v_base + v_offs,
             qk_scale,
-            PAGE_SIZE,
+            offs_n,
+            pos_q,
+            row_ok,
             False,
             DOT_PRECISION,
         )
 
     # Phase 2: dense causal region; keys up to the tile's first query need no mask.
+    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     first_q = q_pos0 + first // GROUP
     last_q = q_pos0 + tl.minimum((first + BLOCK_M - 1) // GROUP, q_len - 1)
     unmasked_end = own_start + ((first_q + 1 - own_start) // BLOCK_N) * BLOCK_N
     for start in range(own_start, unmasked_end, BLOCK_N):
-        acc, m_i, l_i = _attend(
-            acc,
-            m_i,
-            l_i,
-            q,
-            start + offs_n,
-            pos_q,
-            all_keys,
-            k_base,
-            v_base,
-            bt_row,
+        pos_k = start + offs_n
+        k_offs, v_offs = _kv_offsets(
+            tl.load(bt_row + pos_k // PAGE_SIZE),
+            pos_k % PAGE_SIZE,
             offs_d,
             stride_kp,
             stride_ks,
@@ -226,24 +228,28 @@ def _pbs_fwd_kernel(
             stride_vp,
             stride_vs,
             stride_vd,
+            SHARED_KV_STRIDES,
+        )
+        acc, m_i, l_i = _attend(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base + k_offs,
+            v_base + v_offs,
             qk_scale,
-            PAGE_SIZE,
+            pos_k,
+            pos_q,
+            row_ok,
             False,
             DOT_PRECISION,
         )
     for start in range(unmasked_end, last_q + 1, BLOCK_N):
         pos_k = start + offs_n
-        acc, m_i, l_i = _attend(
-            acc,
-            m_i,
-            l_i,
-            q,
-            pos_k,
-            pos_q,
-            pos_k <= last_q,
-            k_base,
-            v_base,
-            bt_row,
+        k_ok = pos_k <= last_q
+        k_offs, v_offs = _kv_offsets(
+            tl.load(bt_row + pos_k // PAGE_SIZE, mask=k_ok, other=0),
+            pos_k % PAGE_SIZE,
             offs_d,
             stride_kp,
             stride_ks,
@@ -251,8 +257,19 @@ def _pbs_fwd_kernel(
             stride_vp,
             stride_vs,
             stride_vd,
+            SHARED_KV_STRIDES,
+        )
+        acc, m_i, l_i = _attend(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base + k_offs,
+            v_base + v_offs,
             qk_scale,
-            PAGE_SIZE,
+            pos_k,
+            pos_q,
+            k_ok,
             True,
             DOT_PRECISION,
         )
@@ -272,9 +289,15 @@ def _pbs_fwd_kernel(
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop key tiles that do not divide the mask's block size."""
-    block_b = named_args["BLOCK_B"] if "BLOCK_B" in named_args else kwargs["BLOCK_B"]
-    kept = [c for c in configs if block_b % c.kwargs["BLOCK_N"] == 0]
+    """Drop key tiles that do not divide the mask's block size, and 4-warp configs above
+    head dim 64 (at d 128 they spilled 130-176 registers on an H100)."""
+    meta = {**named_args, **kwargs}
+    kept = [
+        c
+        for c in configs
+        if meta["BLOCK_B"] % c.kwargs["BLOCK_N"] == 0
+        and (c.num_warps == 8 or meta["HEAD_DIM"] <= 64)
+    ]
     return kept or [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
 
 
@@ -282,11 +305,11 @@ _TUNED_CONFIGS = [
     triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
     for n in (64, 128)
     for w in (4, 8)
-    for s in (2, 3)
+    for s in (2, 3, 4)
 ]
 _pbs_fwd_tuned = triton.autotune(
     configs=_TUNED_CONFIGS,
-    key=["HEAD_DIM", "GROUP", "BLOCK_B", "PAGE_SIZE"],
+    key=["HEAD_DIM", "GROUP", "BLOCK_B", "PAGE_SIZE", "SHARED_KV_STRIDES"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_pbs_fwd_kernel)
 
@@ -315,6 +338,27 @@ def _tile_table(mask: PBSBlockMask, group: int, block_m: int) -> torch.Tensor:
         table = torch.stack([qb, first_row], dim=1).flip(0).to(torch.int32)
         mask.plans[key] = table.contiguous().to(mask.own_start.device)
     return mask.plans[key]
+
+
+def _row_table(mask: PBSBlockMask, kv: PagedKV) -> torch.Tensor:
+    """[Hkv, P] int32: the cache row (page * page_size + slot in page) of every permuted slot.
+
+    perm composed with the block table, so phase 1 reads one index per key instead of
+    perm -> block table. Cached on the mask for one block table: every layer of a step
+    shares its cache geometry and table. The entry keeps the table alive, so its address
+    cannot be reused by another; an in-place update bumps its version and rebuilds.
+    """
+    bt, page_size = kv.block_table, kv.page_size
+    key = (bt.data_ptr(), tuple(bt.shape), bt.stride(), bt._version, page_size)
+    cached = mask.plans.get("rows")
+    if cached is None or cached[0] != key:
+        perm = mask.perm.long()
+        slots = torch.arange(perm.shape[1], device=perm.device)
+        seq = torch.bucketize(slots, mask.perm_offset.long(), right=True) - 1  # [P]
+        page = bt[seq[None, :], perm // page_size].long()  # [Hkv, P]
+        rows = (page * page_size + perm % page_size).to(torch.int32)
+        mask.plans["rows"] = (key, bt, rows)
+    return mask.plans["rows"][2]
 
 
 def _check_inputs(
@@ -346,6 +390,11 @@ def _check_inputs(
     if kv.block_table.shape[0] < len(mask.batch):
         raise ValueError(
             f"block_table has {kv.block_table.shape[0]} rows for {len(mask.batch)} sequences"
+        )
+    if kv.key_cache.shape[0] * kv.page_size >= 2**31:
+        raise ValueError(
+            f"cache of {kv.key_cache.shape[0]} pages x {kv.page_size} rows: the row table "
+            "indexes rows in int32, so at most 2**31 - 1 rows are allowed"
         )
     bs = mask.block_size
     if bs < 16 or bs & (bs - 1):
@@ -385,11 +434,10 @@ def pbs_attention(
     block_m = _block_m(d, q.dtype)
     tiles = _tile_table(mask, group, block_m)
     qb = mask.qblocks
+    rows = _row_table(mask, kv)
     kc, vc, bt = kv.key_cache, kv.value_cache, kv.block_table.contiguous()
     # Index tensors are small; the kernel assumes unit stride along their last dim.
-    kv_num, kv_idx, perm = (
-        x.contiguous() for x in (mask.kv_num_blocks, mask.kv_indices, mask.perm)
-    )
+    kv_num, kv_idx = (x.contiguous() for x in (mask.kv_num_blocks, mask.kv_indices))
     args = (
         q,
         kc,
@@ -405,7 +453,7 @@ def pbs_attention(
         mask.own_start,
         kv_num,
         kv_idx,
-        perm,
+        rows,
         mask.perm_offset,
         scale * _LOG2E,
         t,
@@ -417,13 +465,14 @@ def pbs_attention(
         kv_num.stride(0),
         kv_idx.stride(0),
         kv_idx.stride(1),
-        perm.stride(0),
+        rows.stride(0),
     )
     meta = dict(
         HEAD_DIM=d,
         GROUP=group,
         BLOCK_B=mask.block_size,
         PAGE_SIZE=kv.page_size,
+        SHARED_KV_STRIDES=kc.stride() == vc.stride(),
         STORE_LSE=return_lse,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m,

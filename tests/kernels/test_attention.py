@@ -215,6 +215,31 @@ def test_strided_q_and_out(gen, paged_kv):
     assert _rel_err(out, truth) <= 1e-5
 
 
+def test_mask_reused_with_other_and_rewritten_block_tables(gen, paged_kv):
+    """The mask caches perm composed with the block table: it must follow the table."""
+    batch = ChunkBatch(q_lens=[40, 25], ctx_lens=[150, 90])
+    q, k, v = _random_qkv(gen, batch, 4, 2, 32, torch.float32, "cpu")
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    mask = random_block_mask(batch, 16, 32, 2, 0.5, device="cpu", seed=seed)
+    truth, _ = _truth(q, k, v, batch, [mask.to_dense(b) for b in range(len(batch))], 0.125)
+    first, second = (paged_kv(k, v, batch.seq_lens, 4, gen) for _ in range(2))
+    for kv in (first, second, first):
+        assert _rel_err(pbs_attention(q, kv, mask, 0.125), truth) <= 1e-5
+    rows = mask.plans["rows"][2]
+    pbs_attention(q, first, mask, 0.125)
+    assert mask.plans["rows"][2] is rows, "row table rebuilt for an unchanged block table"
+
+    # vLLM updates its block table in place: move every page of `first` somewhere else.
+    moved = torch.randperm(first.key_cache.shape[0], generator=gen)
+    for cache in (first.key_cache, first.value_cache):
+        cache[moved] = cache.clone()
+    first.block_table.copy_(moved[first.block_table.long()].to(torch.int32))
+    out = torch.full_like(q, float("nan"))
+    pbs_attention(q, first, mask, 0.125, out=out)
+    _assert_written(out)
+    assert _rel_err(out, truth) <= 1e-5
+
+
 def _bad_inputs(case: str, paged_kv, gen):
     batch = ChunkBatch(q_lens=[20], ctx_lens=[0])
     q, k, v = _random_qkv(gen, batch, 4, 2, 32, torch.float32, "cpu")
