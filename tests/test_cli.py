@@ -115,12 +115,12 @@ def test_serve_tiny_dry_run(tmp_path, preset_dir):
     words = shlex.split(res.stdout.replace('"$(mktemp -d)"', "FRESH"))
     assignments = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
     cmd = [w for w in words if w not in {f"{k}={v}" for k, v in assignments.items()}]
-    assert cmd[0].endswith("vllm") and cmd[1] == "serve"
-    assert cmd[2].endswith("tiny-llama") and os.path.isdir(cmd[2])
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     opt = lambda name: cmd[cmd.index(name) + 1]
+    assert opt("--model").endswith("tiny-llama") and os.path.isdir(opt("--model"))
     assert opt("--attention-backend") == "pbs"
     assert opt("--served-model-name") == "tiny-llama"
-    assert opt("--port") == "8123" and opt("--max-model-len") == "4096"
+    assert opt("--port") == "8123" and opt("--max-model-len") == "2048"
     assert json.loads(opt("--additional-config")) == {
         "pbs": {"block_size": 16, "segment_size": 32, "tau": 0.9, "dense_fallback_len": 64}
     }
@@ -129,7 +129,10 @@ def test_serve_tiny_dry_run(tmp_path, preset_dir):
     assert ("PROMETHEUS_MULTIPROC_DIR" in assignments) != preset_dir
     if not preset_dir:
         assert assignments["PROMETHEUS_MULTIPROC_DIR"] == "FRESH"
-    assert ("PBS_VLLM_CPU_PLATFORM" in assignments) != torch.cuda.is_available()
+    on_cpu = not torch.cuda.is_available()
+    assert ("PBS_VLLM_CPU_PLATFORM" in assignments) == on_cpu
+    assert (assignments.get("TRITON_INTERPRET") == "1") == on_cpu
+    assert (opt("--dtype") == "float32") if on_cpu else "--dtype" not in cmd
 
 
 def test_bench_forwards_args_to_the_kernel_benchmark():

@@ -1,0 +1,172 @@
+"""`PBSAttentionImpl`: decode tokens on the stock impl, prefill tokens on `pbs_prefill`.
+
+A layer whose configuration the PBS kernels cannot run (see `unsupported_reason`) gets the
+stock impl itself instead of a PBSAttentionImpl, so it behaves exactly like a stock run;
+the reason is logged once per process.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.utils.torch_utils import is_quantized_kv_cache
+from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
+
+from pbs_vllm.backend.log import get_logger
+from pbs_vllm.backend.metadata import PBSAttentionMetadata
+from pbs_vllm.backend.stats import STATS
+from pbs_vllm.backend.stock import CPU_VIEWABLE_ISAS, paged_kv, stock_backend
+from pbs_vllm.config import get_pbs_config
+from pbs_vllm.kernels import PagedKV, pbs_prefill
+
+logger = get_logger(__name__)
+
+
+def impl_args(
+    num_heads: int,
+    head_size: int,
+    scale: float,
+    num_kv_heads: int,
+    alibi_slopes: list[float] | None,
+    sliding_window: int | None,
+    kv_cache_dtype: str,
+    logits_soft_cap: float | None = None,
+    attn_type: str = AttentionType.DECODER,
+    kv_sharing_target_layer_name: str | None = None,
+    **extra_impl_args,
+) -> dict:
+    """The Attention layer's impl arguments by name (its call: positional + extras)."""
+    named = dict(locals())
+    return {**named.pop("extra_impl_args"), **named}
+
+
+def unsupported_reason(args: dict) -> str | None:
+    """Why the PBS kernels cannot run a layer with these `impl_args` (None if they can)."""
+    head_size, kv_cache_dtype = args["head_size"], args["kv_cache_dtype"]
+    if args["attn_type"] != AttentionType.DECODER:
+        return f"attention type {args['attn_type']!r} (PBS runs causal decoder attention only)"
+    if not 16 <= head_size <= 256 or head_size & (head_size - 1):
+        return f"head size {head_size} (PBS needs a power of two in 16..256)"
+    if args["sliding_window"] is not None:
+        return f"sliding window {args['sliding_window']}"
+    if args["logits_soft_cap"]:
+        return f"logit softcap {args['logits_soft_cap']}"
+    if args["alibi_slopes"] is not None:
+        return "ALiBi slopes"
+    if args.get("sinks") is not None:
+        return "attention sinks"
+    extras = sorted(k for k, v in args.items() if k not in _PLAIN_ARGS and v is not None)
+    if extras:
+        return f"impl options {extras}"
+    if is_quantized_kv_cache(kv_cache_dtype):
+        return f"quantized KV cache dtype {kv_cache_dtype!r}"
+    if stock_backend().get_name() == "CPU_ATTN":
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        cfg = get_current_vllm_config()
+        isa = _get_attn_isa(
+            cfg.model_config.dtype, cfg.cache_config.block_size, head_size, kv_cache_dtype
+        )
+        if isa not in CPU_VIEWABLE_ISAS:
+            return f"CPU attention ISA {isa!r} (PBS reads the {CPU_VIEWABLE_ISAS} layouts)"
+    return None
+
+
+_PLAIN_ARGS = set(inspect.signature(impl_args).parameters) | {"sinks"}
+
+
+class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
+    """Routes a layer's decode rows to the stock impl and its prefill rows to PBS.
+
+    Constructed with the stock impl's arguments (see `impl_args`). forward: query
+    [T, Hq, D], output [T, Hq, D]; rows [0, num_decode_tokens) are decodes (the batch is
+    reordered decodes-first), the rest are prefill chunks whose K/V the stock
+    `do_kv_cache_update` has already written to kv_cache.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        reason = unsupported_reason(impl_args(*args, **kwargs))
+        if reason is not None:
+            logger.warning_once(
+                f"PBS attention: {reason}; these layers run the stock "
+                f"{stock_backend().get_name()} attention for all tokens"
+            )
+            return stock_backend().get_impl_cls()(*args, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.stock = stock_backend().get_impl_cls()(*args, **kwargs)
+        for name in (
+            "num_heads",
+            "head_size",
+            "scale",
+            "num_kv_heads",
+            "kv_cache_dtype",
+            "attn_type",
+            "kv_sharing_target_layer_name",
+        ):
+            setattr(self, name, getattr(self.stock, name))
+        self.params = get_pbs_config(get_current_vllm_config()).sparsity_params()
+        self._on_cpu = stock_backend().get_name() == "CPU_ATTN"
+
+    def get_impl_variants(self) -> tuple:
+        """vLLM 0.32: lets the stock builder find its own impl inside ours."""
+        return (self, self.stock)
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        self.stock.process_weights_after_loading(act_dtype)
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        """Write this step's K/V exactly as the stock backend does (original order)."""
+        self.stock.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: PBSAttentionMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not isinstance(attn_metadata, PBSAttentionMetadata):
+            # Profiling runs (None) and KV groups whose builder fell back to stock metadata.
+            return self.stock.forward(
+                layer,
+                query,
+                key,
+                value,
+                kv_cache,
+                attn_metadata,
+                output,
+                output_scale,
+                output_block_scale,
+            )
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("PBS attention does not fuse output quantization")
+        m = attn_metadata
+        if m.decode is not None:
+            # The stock impl reads rows [0, m.decode.num_actual_tokens): the decodes.
+            self.stock.forward(layer, query, key, value, kv_cache, m.decode, output)
+        if m.prefill_runs:
+            cache = paged_kv(kv_cache, m.block_table, layer.isa if self._on_cpu else None)
+            sample = STATS.density_due()
+            for run in m.prefill_runs:
+                kv = PagedKV(cache.key_cache, cache.value_cache, m.block_table[run.reqs])
+                _, mask = pbs_prefill(
+                    query[run.rows],
+                    kv,
+                    run.batch,
+                    self.params,
+                    self.scale,
+                    out=output[run.rows],
+                    dense=run.dense,
+                )
+                if sample and not run.dense:
+                    STATS.record_density(mask.density(), getattr(layer, "layer_name", None))
+        return output

@@ -1,0 +1,186 @@
+"""Per-step metadata of the PBS backend and the builder that makes it.
+
+The batch arrives reordered decodes-first (`reorder_batch_threshold = 1`). Decodes get the
+stock builder's metadata for the decode slice; prefills (chunks and multi-token extends)
+get host-side `ChunkBatch`es built from CPU copies vLLM already holds, grouped into runs
+of consecutive requests that share a mode (sparse, or dense below `dense_fallback_len`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.config import VllmConfig, get_layers_from_vllm_config
+from vllm.model_executor.layers.attention import Attention
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from pbs_vllm import metrics
+from pbs_vllm.backend.compat import host_seq_lens
+from pbs_vllm.backend.log import get_logger
+from pbs_vllm.backend.stats import STATS
+from pbs_vllm.backend.stock import stock_backend
+from pbs_vllm.config import get_pbs_config
+from pbs_vllm.kernels import ChunkBatch
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class PrefillRun:
+    """Consecutive prefill requests run by one `pbs_prefill` call.
+
+    rows: their query rows in the step's [T, Hq, D] tensors; reqs: their rows of the
+    block table; batch: host q/ctx lengths; dense: below dense_fallback_len.
+    """
+
+    rows: slice
+    reqs: slice
+    batch: ChunkBatch
+    dense: bool
+
+
+@dataclass
+class PBSAttentionMetadata:
+    """decode: stock metadata of rows [0, num_decode_tokens) (None without decodes);
+    block_table: [num_reqs, max_pages] int32 (device); prefill_runs: the prefill rows."""
+
+    num_actual_tokens: int
+    num_decode_tokens: int
+    decode: Any
+    block_table: torch.Tensor
+    prefill_runs: list[PrefillRun]
+
+
+def prefill_runs(
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, first_req: int, dense_below: int
+) -> list[PrefillRun]:
+    """Group requests [first_req, num_reqs) into runs of equal mode (host tensors in).
+
+    query_start_loc: [num_reqs + 1]; seq_lens: [num_reqs]. Requests with no query tokens
+    (padding at the end of a batch) are left out.
+    """
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    real = [r for r in range(first_req, len(lens)) if starts[r + 1] > starts[r]]
+    runs = []
+    for dense, group in itertools.groupby(real, key=lambda r: lens[r] < dense_below):
+        reqs = list(group)
+        q_lens = [starts[r + 1] - starts[r] for r in reqs]
+        ctx_lens = [lens[r] - q for r, q in zip(reqs, q_lens)]
+        runs.append(
+            PrefillRun(
+                rows=slice(starts[reqs[0]], starts[reqs[-1] + 1]),
+                reqs=slice(reqs[0], reqs[-1] + 1),
+                batch=ChunkBatch(q_lens, ctx_lens),
+                dense=dense,
+            )
+        )
+    return runs
+
+
+def group_uses_pbs(vllm_config: VllmConfig, layer_names: list[str]) -> bool:
+    """True when every attention layer of the group got a PBSAttentionImpl."""
+    from pbs_vllm.backend.impl import PBSAttentionImpl
+
+    layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+    return bool(layers) and all(isinstance(x.impl, PBSAttentionImpl) for x in layers.values())
+
+
+class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]):
+    """Wraps the stock builder: its metadata for decodes, ChunkBatch runs for prefills.
+
+    CUDA graphs: decode-only batches go to the stock metadata untouched, so full graphs of
+    single-token decode batches work where the stock backend supports them; prefills run
+    eagerly (UNIFORM_SINGLE_TOKEN_DECODE at most).
+    """
+
+    reorder_batch_threshold = 1
+
+    def __init__(
+        self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        config = get_pbs_config(vllm_config)
+        self.dense_below = config.dense_fallback_len
+        STATS.configure(config.stats_log_interval_s)
+        self.stock = stock_backend().get_builder_cls()(
+            kv_cache_spec, layer_names, vllm_config, device
+        )
+        self.uses_pbs = group_uses_pbs(vllm_config, layer_names)
+        if not self.uses_pbs:
+            # Stock impls only (see impl.unsupported_reason): be the stock builder.
+            self.reorder_batch_threshold = self.stock.reorder_batch_threshold
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
+        stock = stock_backend().get_builder_cls().get_cudagraph_support(vllm_config, kv_cache_spec)
+        return min(stock, AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE, key=lambda s: s.value)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata):
+        decode = self.stock.build_for_cudagraph_capture(common_attn_metadata)
+        if not self.uses_pbs:
+            return decode
+        return self._wrap_decodes(common_attn_metadata, decode)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ):
+        common = common_attn_metadata
+        if not self.uses_pbs:
+            return self.stock.build(common_prefix_len, common, fast_build)
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
+            common, decode_threshold=1
+        )
+        if num_prefills == 0:
+            metadata = self._wrap_decodes(
+                common, self.stock.build(common_prefix_len, common, fast_build)
+            )
+        else:
+            decode = None
+            if num_decodes:
+                decode_common = common.unpadded(num_decode_tokens, num_decodes).replace(
+                    max_query_len=1
+                )
+                decode = self.stock.build(common_prefix_len, decode_common, fast_build)
+            metadata = PBSAttentionMetadata(
+                num_actual_tokens=common.num_actual_tokens,
+                num_decode_tokens=num_decode_tokens,
+                decode=decode,
+                block_table=common.block_table_tensor,
+                prefill_runs=prefill_runs(
+                    common.query_start_loc_cpu[: common.num_reqs + 1],
+                    host_seq_lens(common),
+                    num_decodes,
+                    self.dense_below,
+                ),
+            )
+        tokens = {True: 0, False: 0}
+        short = 0
+        for run in metadata.prefill_runs:
+            tokens[run.dense] += run.rows.stop - run.rows.start
+            short += len(run.batch) if run.dense else 0
+        STATS.record_step(num_decode_tokens, tokens[False], tokens[True])
+        if short:
+            metrics.record_fallback("short_prompt", short)
+        STATS.maybe_log()
+        return metadata
+
+    def _wrap_decodes(self, common: CommonAttentionMetadata, decode) -> PBSAttentionMetadata:
+        return PBSAttentionMetadata(
+            num_actual_tokens=common.num_actual_tokens,
+            num_decode_tokens=common.num_actual_tokens,
+            decode=decode,
+            block_table=common.block_table_tensor,
+            prefill_runs=[],
+        )

@@ -1,0 +1,118 @@
+"""Process-wide counters of the PBS prefill path, logged every `stats_log_interval_s`.
+
+The builder records each step's token split; the impl adds a mask density sample only while
+a log line is due (`density_due()`), so density (one host sync on GPU) is computed for one
+step per interval (every layer of it), not for every step. `STATS.snapshot()` gives the totals as a dict.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pbs_vllm import metrics
+from pbs_vllm.backend.log import get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class PBSStats:
+    """Cumulative counters since start (or `reset()`); density is a mean over samples."""
+
+    steps: int = 0
+    decode_tokens: int = 0
+    sparse_prefill_tokens: int = 0
+    dense_prefill_tokens: int = 0
+    density_sum: float = 0.0
+    density_samples: int = 0
+    last_density: float | None = None
+    layer_density: dict[str, list[float]] = field(default_factory=dict)  # name -> [sum, n]
+    log_interval_s: float = 0.0
+    _last_log: float = field(default_factory=time.monotonic, repr=False)
+    _samples_at_log: int = field(default=0, repr=False)
+    _waited: bool = field(default=False, repr=False)
+
+    def configure(self, log_interval_s: float) -> None:
+        """Set the log interval in seconds (0 disables logging and density sampling)."""
+        self.log_interval_s = log_interval_s
+
+    def reset(self) -> None:
+        """Zero every counter and restart the log clock (the log interval is kept)."""
+        self.steps = self.decode_tokens = self.density_samples = 0
+        self.sparse_prefill_tokens = self.dense_prefill_tokens = 0
+        self.density_sum = 0.0
+        self.last_density = None
+        self.layer_density = {}
+        self._last_log = time.monotonic()
+        self._samples_at_log = 0
+        self._waited = False
+
+    def record_step(self, decode_tokens: int, sparse_tokens: int, dense_tokens: int) -> None:
+        """Count one scheduler step's decode / sparse prefill / dense prefill tokens."""
+        self.steps += 1
+        self.decode_tokens += decode_tokens
+        self.sparse_prefill_tokens += sparse_tokens
+        self.dense_prefill_tokens += dense_tokens
+        metrics.record_step(sparse_tokens, dense_tokens)
+
+    def density_due(self) -> bool:
+        """Whether the impl should compute a density sample now (a log line is due)."""
+        return 0 < self.log_interval_s <= time.monotonic() - self._last_log
+
+    def record_density(self, density: float, layer: str | None = None) -> None:
+        """Add one sparse-mask density sample (one layer of one step)."""
+        self.density_sum += density
+        self.density_samples += 1
+        self.last_density = density
+        if layer is not None:
+            acc = self.layer_density.setdefault(layer, [0.0, 0])
+            acc[0] += density
+            acc[1] += 1
+        metrics.record_step(0, 0, density)
+
+    def mean_density(self) -> float | None:
+        return self.density_sum / self.density_samples if self.density_samples else None
+
+    def maybe_log(self) -> None:
+        """Log one line with the totals once the interval has passed (called per step).
+
+        The first step after the interval only lets the impl take density samples; the
+        line follows at the next step, or at once if samples already arrived.
+        """
+        if not self.density_due():
+            return
+        if self.density_samples == self._samples_at_log and not self._waited:
+            self._waited = True
+            return
+        self._last_log = time.monotonic()
+        self._samples_at_log = self.density_samples
+        self._waited = False
+        mean = self.mean_density()
+        logger.info(
+            "PBS prefill: %d steps, %d sparse / %d dense prefill tokens, %d decode tokens, "
+            "mean density %s (last %s, %d samples)",
+            self.steps,
+            self.sparse_prefill_tokens,
+            self.dense_prefill_tokens,
+            self.decode_tokens,
+            "n/a" if mean is None else f"{mean:.3f}",
+            "n/a" if self.last_density is None else f"{self.last_density:.3f}",
+            self.density_samples,
+        )
+
+    def snapshot(self) -> dict[str, float | int | None]:
+        """The counters and mean density as a plain dict."""
+        return {
+            "steps": self.steps,
+            "decode_tokens": self.decode_tokens,
+            "sparse_prefill_tokens": self.sparse_prefill_tokens,
+            "dense_prefill_tokens": self.dense_prefill_tokens,
+            "density_samples": self.density_samples,
+            "mean_density": self.mean_density(),
+            "last_density": self.last_density,
+            "density_per_layer": {k: v[0] / v[1] for k, v in self.layer_density.items()},
+        }
+
+
+STATS = PBSStats()
