@@ -45,7 +45,7 @@ class PBSConfig(BaseModel):
         description="Cap on kept fraction of candidate blocks (none = no cap).",
     )
     dense_fallback_len: int = Field(
-        16384, ge=0, description="Prefills whose sequence is shorter than this run dense."
+        65536, ge=0, description="Prefills whose sequence is shorter than this run dense."
     )
     scoring: Literal["mean", "antidiagonal"] = Field(
         "mean", description="Block scoring: mean pooling (PBS) or antidiagonal (PBS+)."
