@@ -1,0 +1,48 @@
+"""Reliability tests: a module-scoped vLLM server on 127.0.0.1 (from `benchmarks/soak.py`),
+whose log tail is attached to the report of any test of that module that fails.
+
+Without CUDA, Triton runs in the interpreter: TRITON_INTERPRET is set before anything
+imports triton (the servers get it from `start_server`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # for the `benchmarks` package
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from benchmarks.soak import Server, start_server  # noqa: E402
+
+LOG_TAIL_CHARS = 6000
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory) -> Server:
+    """One server per test module; the module may set SERVER_OPTIONS (start_server kwargs)."""
+    options = getattr(request.module, "SERVER_OPTIONS", {})
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    srv = start_server(log, **options)
+    request.module._server_log = log
+    yield srv
+    srv.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    log = getattr(item.module, "_server_log", None)
+    if report.failed and log is not None and log.exists():
+        report.sections.append(
+            ("vllm server log (tail)", log.read_text(errors="replace")[-LOG_TAIL_CHARS:])
+        )
