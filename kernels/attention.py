@@ -94,6 +94,35 @@ def _attend(
 
 
 @triton.jit
+def _own_region_step(
+    acc, m_i, l_i, q, pos_k, last_q, pos_q, bt_row, k_base, v_base, offs_d,
+    stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, qk_scale,
+    PAGE_SIZE: tl.constexpr,
+    SHARED_KV_STRIDES: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One step over the own region's keys at original positions pos_k [BLOCK_N].
+
+    CAUSAL tiles may reach past the last query (their loads are guarded) and are masked
+    with pos_k <= pos_q; the others lie wholly below the diagonal and load unpredicated.
+    """
+    k_ok = pos_k <= last_q
+    if CAUSAL:
+        page = tl.load(bt_row + pos_k // PAGE_SIZE, mask=k_ok, other=0)
+    else:
+        page = tl.load(bt_row + pos_k // PAGE_SIZE)
+    k_offs, v_offs = _kv_offsets(
+        page, pos_k % PAGE_SIZE, offs_d, stride_kp, stride_ks, stride_kd,
+        stride_vp, stride_vs, stride_vd, SHARED_KV_STRIDES,
+    )  # fmt: skip
+    return _attend(
+        acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, qk_scale, pos_k, pos_q, k_ok,
+        CAUSAL, DOT_PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
 def _pbs_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -217,62 +246,17 @@ def _pbs_fwd_kernel(
     last_q = q_pos0 + tl.minimum((first + BLOCK_M - 1) // GROUP, q_len - 1)
     unmasked_end = own_start + ((first_q + 1 - own_start) // BLOCK_N) * BLOCK_N
     for start in range(own_start, unmasked_end, BLOCK_N):
-        pos_k = start + offs_n
-        k_offs, v_offs = _kv_offsets(
-            tl.load(bt_row + pos_k // PAGE_SIZE),
-            pos_k % PAGE_SIZE,
-            offs_d,
-            stride_kp,
-            stride_ks,
-            stride_kd,
-            stride_vp,
-            stride_vs,
-            stride_vd,
-            SHARED_KV_STRIDES,
-        )
-        acc, m_i, l_i = _attend(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_base + k_offs,
-            v_base + v_offs,
-            qk_scale,
-            pos_k,
-            pos_q,
-            row_ok,
-            False,
-            DOT_PRECISION,
-        )
+        acc, m_i, l_i = _own_region_step(
+            acc, m_i, l_i, q, start + offs_n, last_q, pos_q, bt_row, k_base, v_base, offs_d,
+            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, qk_scale,
+            PAGE_SIZE, SHARED_KV_STRIDES, False, DOT_PRECISION,
+        )  # fmt: skip
     for start in range(unmasked_end, last_q + 1, BLOCK_N):
-        pos_k = start + offs_n
-        k_ok = pos_k <= last_q
-        k_offs, v_offs = _kv_offsets(
-            tl.load(bt_row + pos_k // PAGE_SIZE, mask=k_ok, other=0),
-            pos_k % PAGE_SIZE,
-            offs_d,
-            stride_kp,
-            stride_ks,
-            stride_kd,
-            stride_vp,
-            stride_vs,
-            stride_vd,
-            SHARED_KV_STRIDES,
-        )
-        acc, m_i, l_i = _attend(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_base + k_offs,
-            v_base + v_offs,
-            qk_scale,
-            pos_k,
-            pos_q,
-            k_ok,
-            True,
-            DOT_PRECISION,
-        )
+        acc, m_i, l_i = _own_region_step(
+            acc, m_i, l_i, q, start + offs_n, last_q, pos_q, bt_row, k_base, v_base, offs_d,
+            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, qk_scale,
+            PAGE_SIZE, SHARED_KV_STRIDES, True, DOT_PRECISION,
+        )  # fmt: skip
 
     acc = acc / l_i[:, None]
     tl.store(
