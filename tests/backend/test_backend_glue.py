@@ -132,8 +132,8 @@ def test_stats_sample_density_only_when_a_log_line_is_due(monkeypatch, caplog):
     assert stats.density_due()
     stats.maybe_log()  # first due step: gives the impl this step to take samples
     assert stats.density_due()
-    stats.record_density(0.25)
-    stats.record_density(0.75)
+    stats.record_density(0.25, "model.layers.0.self_attn.attn")
+    stats.record_density(0.75, "model.layers.1.self_attn.attn")
     caplog.set_level(logging.INFO, logger=stats_logger.name)
     stats_logger.addHandler(caplog.handler)  # vLLM's loggers do not propagate to root
     try:
@@ -149,6 +149,10 @@ def test_stats_sample_density_only_when_a_log_line_is_due(monkeypatch, caplog):
         "density_samples": 2,
         "mean_density": 0.5,
         "last_density": 0.75,
+        "density_per_layer": {
+            "model.layers.0.self_attn.attn": 0.25,
+            "model.layers.1.self_attn.attn": 0.75,
+        },
     }
     line = next(r.getMessage() for r in caplog.records if "PBS prefill" in r.getMessage())
     assert "30 sparse / 4 dense" in line and "mean density 0.500" in line
