@@ -1,28 +1,13 @@
 """Backend-level harness: real VllmConfig, real Attention layers, our builder and impl.
 
-vLLM must resolve its platform to PBSCpuPlatform, and Triton must run in the interpreter
-(no GPU here), so both variables are set before anything imports vllm or triton.
+tests/conftest.py makes vLLM resolve its platform to PBSCpuPlatform and Triton run in the
+interpreter (no GPU here), and gives the seeded `gen` fixture.
 """
 
 from __future__ import annotations
 
-import os
-import zlib
-
-import torch
-
-os.environ.setdefault("PBS_VLLM_CPU_PLATFORM", "1")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from backend_harness import BackendHarness  # noqa: E402
-
-
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """CPU generator seeded from the test id: fresh per test, reproducible per test."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+import pytest
+from backend_harness import BackendHarness
 
 
 @pytest.fixture

@@ -1,22 +1,12 @@
-"""Shared fixtures for kernel tests: seeded generators, chunk batches and paged caches.
-
-Without CUDA, Triton kernels run in the interpreter: TRITON_INTERPRET must be set before
-triton is first imported, so this module sets it at import time.
-"""
+"""Shared fixtures for kernel tests: chunk batches and paged caches (the seeded `gen`
+fixture and TRITON_INTERPRET come from tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-import zlib
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from pbs_vllm.kernels.paged import ChunkBatch, PagedKV  # noqa: E402
+from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
 
 # Physical layouts of the paged cache; every one is viewed as [pages, page_size, Hkv, D].
 #   contiguous    [pages, page_size, Hkv, D]
@@ -24,12 +14,6 @@ from pbs_vllm.kernels.paged import ChunkBatch, PagedKV  # noqa: E402
 #   head_major    [pages, Hkv, page_size, D] (vLLM CPU)
 #   k_transposed  K stored [pages, Hkv, D, page_size], V head_major
 CACHE_LAYOUTS = ("contiguous", "fused", "head_major", "k_transposed")
-
-
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """A CPU generator seeded from the test's id: fresh per test, reproducible per test."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture

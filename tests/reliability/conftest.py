@@ -1,27 +1,14 @@
 """Reliability tests: a module-scoped vLLM server on 127.0.0.1 (from `benchmarks/soak.py`),
 whose log tail is attached to the report of any test of that module that fails.
-
-Without CUDA, Triton runs in the interpreter: TRITON_INTERPRET is set before anything
-imports triton (the servers get it from `start_server`).
+(`benchmarks` is importable through tests/conftest.py; the servers get TRITON_INTERPRET
+from `start_server`.)
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
+import pytest
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # for the `benchmarks` package
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from benchmarks.soak import Server, start_server  # noqa: E402
+from benchmarks.soak import Server, start_server
 
 LOG_TAIL_CHARS = 6000
 
