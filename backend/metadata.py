@@ -4,6 +4,9 @@ The batch arrives reordered decodes-first (`reorder_batch_threshold = 1`). Decod
 stock builder's metadata for the decode slice; prefills (chunks and multi-token extends)
 get host-side `ChunkBatch`es built from CPU copies vLLM already holds, grouped into runs
 of consecutive requests that share a mode (sparse, or dense below `dense_fallback_len`).
+A step whose prefills are all dense gets the stock metadata itself, so the stock impl
+(FA3 on Hopper) runs the whole step; dense runs beside sparse ones use the PBS kernel with
+the full causal mask.
 """
 
 from __future__ import annotations
@@ -142,7 +145,17 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
             common, decode_threshold=1
         )
-        if num_prefills == 0:
+        runs = prefill_runs(
+            common.query_start_loc_cpu[: common.num_reqs + 1],
+            host_seq_lens(common),
+            num_decodes,
+            self.dense_below,
+        )
+        if runs and all(run.dense for run in runs):
+            # Every prefill is below dense_fallback_len: the whole step is a stock step
+            # (the stock kernels are the fastest dense attention there is).
+            metadata = self.stock.build(common_prefix_len, common, fast_build)
+        elif num_prefills == 0:
             metadata = self._wrap_decodes(
                 common, self.stock.build(common_prefix_len, common, fast_build)
             )
@@ -158,16 +171,11 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
                 num_decode_tokens=num_decode_tokens,
                 decode=decode,
                 block_table=common.block_table_tensor,
-                prefill_runs=prefill_runs(
-                    common.query_start_loc_cpu[: common.num_reqs + 1],
-                    host_seq_lens(common),
-                    num_decodes,
-                    self.dense_below,
-                ),
+                prefill_runs=runs,
             )
         tokens = {True: 0, False: 0}
         short = 0
-        for run in metadata.prefill_runs:
+        for run in runs:
             tokens[run.dense] += run.rows.stop - run.rows.start
             short += len(run.batch) if run.dense else 0
         STATS.record_step(num_decode_tokens, tokens[False], tokens[True])

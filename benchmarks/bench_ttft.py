@@ -51,7 +51,7 @@ def run_worker(args: argparse.Namespace) -> None:
         model=args.model,
         load_format="dummy",
         attention_backend=backend,
-        max_model_len=max(args.lengths) + 64,
+        max_model_len=max(args.lengths + args.warmup_lengths + [args.profile]) + 64,
         gpu_memory_utilization=args.gpu_mem,
         enforce_eager=args.eager,
         enable_prefix_caching=False,  # every repetition must really prefill
@@ -79,7 +79,9 @@ def run_worker(args: argparse.Namespace) -> None:
         return time.perf_counter() - t0
 
     stats = _stats() if pbs is not None else None
-    ttft(min(args.lengths))  # warm-up: kernel compilation and autotuning
+    # Warm-up: kernel compilation and autotuning, a single-chunk and a two-chunk prompt.
+    for n in args.warmup_lengths:
+        ttft(n)
     for n in args.lengths:
         times = [ttft(n) for _ in range(args.reps)]
         row = {
@@ -100,6 +102,9 @@ def run_worker(args: argparse.Namespace) -> None:
             row["density_per_layer"] = snap["density_per_layer"]
         print("RESULT " + json.dumps(row), flush=True)
 
+    if args.profile:
+        write_profile(lambda: ttft(args.profile), args.out / f"profile-{args.config}.txt")
+
     if args.decode_tokens:
         many = [prompt(args.decode_prompt_len) for _ in range(args.decode_batch)]
         dec = SamplingParams(max_tokens=args.decode_tokens, temperature=0.0, ignore_eos=True)
@@ -114,6 +119,27 @@ def run_worker(args: argparse.Namespace) -> None:
             "decode_batch": args.decode_batch,
         }
         print("RESULT " + json.dumps(row), flush=True)
+
+
+def write_profile(run, path: Path) -> None:
+    """Profile one `run()` (a prefill) with torch.profiler; write the op table to `path`.
+
+    The table ranks ops by device time; "pbs_estimate" / "pbs_attention" are the PBS
+    stages (torch.profiler ranges in pbs_prefill), "wall" is the host time of the run,
+    so wall minus the summed kernel time is time the GPU sat idle.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = run()
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6
+    table = events.table(sort_by="device_time_total", row_limit=45, max_name_column_width=60)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"wall {wall:.3f} s, summed kernel time {kernel_s:.3f} s\n\n{table}\n")
+    print(f"profile: wall {wall:.3f} s, kernels {kernel_s:.3f} s -> {path}", flush=True)
 
 
 def _stats():
@@ -150,6 +176,9 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         ]
         if args.eager:
             cmd.append("--eager")
+        if args.profile:
+            cmd += ["--profile", str(args.profile), "--out", str(args.out or ".")]
+        cmd += ["--warmup-lengths", ",".join(map(str, args.warmup_lengths))]
         t0 = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         got = [
@@ -216,9 +245,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decode-tokens", type=int, default=0, help="0 = skip decode timing")
     ap.add_argument("--decode-batch", type=int, default=32)
     ap.add_argument("--decode-prompt-len", type=int, default=1024)
+    ap.add_argument(
+        "--warmup-lengths",
+        default="8k,20k",
+        help="untimed prompts first (one chunk, two chunks): compilation and autotuning",
+    )
+    ap.add_argument(
+        "--profile",
+        type=parse_length,
+        default=0,
+        help="profile one prefill of this length per config (profile-<config>.txt in --out)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     args.lengths = [parse_length(x) for x in args.lengths.split(",")]
+    args.warmup_lengths = [parse_length(x) for x in args.warmup_lengths.split(",")]
     if args.worker:
         run_worker(args)
         return

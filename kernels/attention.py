@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks
-from pbs_vllm.kernels.paged import PagedKV
+from pbs_vllm.kernels.paged import PagedKV, upload
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -122,7 +122,17 @@ def _own_region_step(
     )  # fmt: skip
 
 
-@triton.jit
+# Per-step sizes: not specialised, so a new chunk shape never triggers a JIT compile.
+@triton.jit(
+    do_not_specialize=[
+        "lse_tokens",
+        "stride_bt",
+        "stride_kvn_h",
+        "stride_kvi_h",
+        "stride_kvi_q",
+        "stride_rows_h",
+    ]
+)
 def _pbs_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -310,18 +320,19 @@ def _tile_table(mask: PBSBlockMask, group: int, block_m: int) -> torch.Tensor:
 
     A query block of L tokens has L * group rows, split into ceil(L * group / block_m)
     tiles. The latest query blocks (the most keys under a causal mask) come first.
-    Cached on the mask, so the layers of one step share a single plan.
+    Cached on the batch, so the layers of one step share a single plan.
     """
-    key = (group, block_m)
-    if key not in mask.plans:
-        lengths = QueryBlocks.of(mask.batch, mask.block_size).length.long()
+    batch, device = mask.batch, mask.own_start.device
+    key = ("tiles", mask.block_size, group, block_m, str(device))
+    if key not in batch.derived:
+        lengths = QueryBlocks.of(batch, mask.block_size).length.long()
         n_tiles = (lengths * group + block_m - 1) // block_m
         qb = torch.repeat_interleave(torch.arange(len(lengths)), n_tiles)
         first_tile = torch.cumsum(n_tiles, 0) - n_tiles
         first_row = (torch.arange(len(qb)) - first_tile[qb]) * block_m
-        table = torch.stack([qb, first_row], dim=1).flip(0).to(torch.int32)
-        mask.plans[key] = table.contiguous().to(mask.own_start.device)
-    return mask.plans[key]
+        table = torch.stack([qb, first_row], dim=1).flip(0).to(torch.int32).contiguous()
+        batch.derived[key] = upload(table, device)
+    return batch.derived[key]
 
 
 def _row_table(mask: PBSBlockMask, kv: PagedKV) -> torch.Tensor:

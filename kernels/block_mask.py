@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pbs_vllm.kernels.paged import ChunkBatch
+from pbs_vllm.kernels.paged import ChunkBatch, upload
 
 
 @dataclass
@@ -30,6 +30,24 @@ class QueryBlocks:
 
     @classmethod
     def of(cls, batch: ChunkBatch, block_size: int) -> QueryBlocks:
+        """The query blocks of `batch` on the host (built once per batch and block size)."""
+        key = ("qblocks", block_size)
+        if key not in batch.derived:
+            batch.derived[key] = cls._build(batch, block_size)
+        return batch.derived[key]
+
+    @classmethod
+    def on(cls, batch: ChunkBatch, block_size: int, device: torch.device | str) -> QueryBlocks:
+        """`of` on `device`: one non-blocking upload per batch, block size and device."""
+        key = ("qblocks", block_size, str(device))
+        if key not in batch.derived:
+            host = cls.of(batch, block_size)
+            packed = torch.stack([host.seq, host.row, host.length, host.pos])
+            batch.derived[key] = cls(*upload(packed, device).unbind(0))
+        return batch.derived[key]
+
+    @classmethod
+    def _build(cls, batch: ChunkBatch, block_size: int) -> QueryBlocks:
         seq, row, length, pos = [], [], [], []
         for b, (q0, n, c) in enumerate(
             zip(batch.cu_seqlens_q, batch.q_lens, batch.ctx_lens, strict=False)
@@ -77,8 +95,8 @@ class PBSBlockMask:
     kv_indices: torch.Tensor
     perm: torch.Tensor
     perm_offset: torch.Tensor
-    # Launch plans of the attention kernel for this mask, keyed by tile shape (see
-    # pbs_vllm.kernels.attention); built on first use so every layer reuses them.
+    # The attention kernel's row table for this mask and a block table (see
+    # pbs_vllm.kernels.attention), built on first use.
     plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -158,21 +176,27 @@ class PBSBlockMask:
 def dense_block_mask(
     batch: ChunkBatch, block_size: int, num_kv_heads: int, device: torch.device | str
 ) -> PBSBlockMask:
-    """The full causal mask for `batch`: every query block computes keys [0, p] densely."""
-    qb = QueryBlocks.of(batch, block_size).to(device)
-    tq = len(qb)
-    i32 = dict(dtype=torch.int32, device=device)
-    return PBSBlockMask(
-        batch=batch,
-        block_size=block_size,
-        segment_size=0,
-        qblocks=qb,
-        own_start=torch.zeros(tq, **i32),
-        kv_num_blocks=torch.zeros(num_kv_heads, tq, **i32),
-        kv_indices=torch.zeros(num_kv_heads, tq, 1, **i32),
-        perm=torch.zeros(num_kv_heads, 0, **i32),
-        perm_offset=torch.zeros(len(batch), **i32),
-    )
+    """The full causal mask for `batch`: every query block computes keys [0, p] densely.
+
+    Built once per batch, block size, head count and device (it holds no per-layer data).
+    """
+    key = ("dense_mask", block_size, num_kv_heads, str(device))
+    if key not in batch.derived:
+        qb = QueryBlocks.on(batch, block_size, device)
+        tq = len(qb)
+        i32 = dict(dtype=torch.int32, device=device)
+        batch.derived[key] = PBSBlockMask(
+            batch=batch,
+            block_size=block_size,
+            segment_size=0,
+            qblocks=qb,
+            own_start=torch.zeros(tq, **i32),
+            kv_num_blocks=torch.zeros(num_kv_heads, tq, **i32),
+            kv_indices=torch.zeros(num_kv_heads, tq, 1, **i32),
+            perm=torch.zeros(num_kv_heads, 0, **i32),
+            perm_offset=torch.zeros(len(batch), **i32),
+        )
+    return batch.derived[key]
 
 
 def random_block_mask(
@@ -226,7 +250,7 @@ def random_block_mask(
         batch=batch,
         block_size=bs,
         segment_size=seg,
-        qblocks=qb_host.to(device),
+        qblocks=QueryBlocks.on(batch, bs, device),
         own_start=own_start.to(**i32),
         kv_num_blocks=n_keep.to(**i32).expand(num_kv_heads, tq).contiguous(),
         kv_indices=kv_indices,

@@ -22,7 +22,8 @@ from pbs_vllm.kernels.paged import PagedKV
 from pbs_vllm.kernels.paged_tiles import load_paged_keys
 
 
-@triton.jit
+# Per-chunk sizes are not specialised (no JIT compile per new chunk shape).
+@triton.jit(do_not_specialize=["stride_oh"])
 def _pool_query_blocks_kernel(
     q_ptr,
     out_ptr,
@@ -63,7 +64,7 @@ def _pool_query_blocks_kernel(
     tl.store(ptrs, pooled, mask=d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ph", "stride_oh"])
 def _pool_key_blocks_kernel(
     k_ptr,
     bt_row_ptr,

@@ -14,7 +14,7 @@ from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks
 from pbs_vllm.kernels.block_pool import pool_key_blocks, pool_query_blocks
 from pbs_vllm.kernels.importance import key_importance
 from pbs_vllm.kernels.inputs import check_prefill_inputs, permuted_region_lengths
-from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
+from pbs_vllm.kernels.paged import ChunkBatch, PagedKV, upload
 from pbs_vllm.kernels.params import SparsityParams
 from pbs_vllm.kernels.selection import block_probs, density_cap, select_blocks
 
@@ -47,7 +47,7 @@ def build_block_mask(
     bs, ss, hkv, dev = params.block_size, params.segment_size, kv.num_kv_heads, q.device
     stride = params.antidiagonal_stride if params.scoring == "antidiagonal" else 1
     qb_host = QueryBlocks.of(batch, bs)
-    qb = qb_host.to(dev)
+    qb = QueryBlocks.on(batch, bs, dev)
     n_perm = permuted_region_lengths(batch, ss)
     offsets = [0]
     for n in n_perm:
@@ -93,5 +93,5 @@ def build_block_mask(
         kv_num_blocks=kv_num_blocks,
         kv_indices=kv_indices,
         perm=perm,
-        perm_offset=torch.tensor(offsets[:-1], **i32),
+        perm_offset=upload(torch.tensor(offsets[:-1], dtype=torch.int32), dev),
     )

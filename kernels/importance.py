@@ -31,7 +31,8 @@ def _load_query_rows(q_ptr, rows, row_ok, head0, d, d_ok, stride_qt, stride_qh, 
     return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
 
-@triton.jit
+# Sizes that change per chunk are not specialised (no JIT compile per new chunk shape).
+@triton.jit(do_not_specialize=["stride_ls", "stride_lh", "n_rows", "q_pos"])
 def _row_lse_kernel(
     q_ptr,
     k_ptr,
@@ -101,7 +102,7 @@ def _row_lse_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lh", "stride_oh", "n_rows", "n_keys", "q_pos"])
 def _key_mass_kernel(
     q_ptr,
     k_ptr,

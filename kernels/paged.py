@@ -14,7 +14,7 @@ seq_lens = ctx_lens + q_lens, all of them already written to the paged cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -87,10 +87,14 @@ class ChunkBatch:
     """Host-side description of a varlen batch of prefill chunks (no device sync needed).
 
     q_lens[b] query tokens at absolute positions [ctx_lens[b], ctx_lens[b] + q_lens[b]).
+    `derived` caches what the kernels derive from the batch alone (query blocks and tile
+    tables, on the host and the device): a step's batch is built once and every layer
+    reuses them (plan once per step, run per layer). Treat a batch as immutable.
     """
 
     q_lens: list[int]
     ctx_lens: list[int]
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.q_lens) != len(self.ctx_lens):
@@ -115,3 +119,15 @@ class ChunkBatch:
 
     def __len__(self) -> int:
         return len(self.q_lens)
+
+
+def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a small host tensor to `device` without synchronising a CUDA stream.
+
+    A plain `.to("cuda")` of pageable memory waits for the stream to drain, which stalls
+    the host once per call; through pinned memory the copy is queued like a kernel.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -1,11 +1,13 @@
 """`pbs_prefill`: estimate the PBS mask of a chunk batch and run block-sparse attention.
 
-This is the entry point of the vLLM backend for the prefill part of a batch.
+This is the entry point of the vLLM backend for the prefill part of a batch. The two
+stages run under `torch.profiler` ranges "pbs_estimate" and "pbs_attention".
 """
 
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from pbs_vllm.kernels.attention import pbs_attention
 from pbs_vllm.kernels.block_mask import PBSBlockMask, dense_block_mask
@@ -29,8 +31,11 @@ def pbs_prefill(
     The mask is PBS-sparse, or the full causal `dense_block_mask` when `dense` is set or
     no sequence reaches past its first segment (nothing to permute or skip).
     """
-    if dense or not any(permuted_region_lengths(batch, params.segment_size)):
-        mask = dense_block_mask(batch, params.block_size, kv.num_kv_heads, q.device)
-    else:
-        mask = build_block_mask(q, kv, batch, params, scale)
-    return pbs_attention(q, kv, mask, scale, out=out), mask
+    with record_function("pbs_estimate"):
+        if dense or not any(permuted_region_lengths(batch, params.segment_size)):
+            mask = dense_block_mask(batch, params.block_size, kv.num_kv_heads, q.device)
+        else:
+            mask = build_block_mask(q, kv, batch, params, scale)
+    with record_function("pbs_attention"):
+        out = pbs_attention(q, kv, mask, scale, out=out)
+    return out, mask

@@ -3,8 +3,9 @@
     python -m training.train --out OUT/retrieval-llama --minutes 7
 
 Curriculum over prompt length (128 -> 16K tokens) by fraction of the budget (a phase
-starts only once the one before is learnt), AdamW with warmup and cosine decay on the same
-clock, loss on the answer token of every query. Every twelfth of the budget the model is scored on validation prompts (4K and 16K) and the best
+starts only once the one before is learnt), ending on a mix of 2K-16K prompts so that the
+long phases do not unlearn the short lengths; AdamW with warmup and cosine decay on the same
+clock, loss on the answer token of every query. Every twelfth of the budget the model is scored on validation prompts (4K, 8K, 16K) and the best
 weights are kept; at the end those are exported (fp16) and scored on test prompts at
 `--eval-lengths`. `--steps N` replaces the clock by a step count (a reproducible run).
 """
@@ -30,19 +31,26 @@ from training.vocab import VOCAB
 
 @dataclass(frozen=True)
 class Phase:
-    """From `start` (fraction of the run) on, train on sequences of `length` tokens."""
+    """From `start` (fraction of the run) on, train on sequences of one of `lengths` tokens
+    (drawn per step)."""
 
     start: float
-    length: int
+    lengths: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        """The longest length of the phase."""
+        return max(self.lengths)
 
 
 CURRICULUM = (
-    Phase(0.00, 128),
-    Phase(0.05, 512),
-    Phase(0.15, 2048),
-    Phase(0.30, 4096),
-    Phase(0.50, 8192),
-    Phase(0.70, 16384),
+    Phase(0.00, (128,)),
+    Phase(0.05, (512,)),
+    Phase(0.12, (2048,)),
+    Phase(0.22, (4096,)),
+    Phase(0.35, (8192,)),
+    Phase(0.50, (16384,)),
+    Phase(0.70, (2048, 4096, 8192, 16384)),
 )
 MIN_NEEDLES, MAX_NEEDLES = 4, 32
 # A phase longer than the current one starts only after the training accuracy of a log
@@ -68,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=ModelConfig.num_hidden_layers)
     p.add_argument("--heads", type=int, default=ModelConfig.num_attention_heads)
     p.add_argument("--kv-heads", type=int, default=ModelConfig.num_key_value_heads)
-    p.add_argument("--valid-lengths", default="4096,16384")
+    p.add_argument("--valid-lengths", default="4096,8192,16384")
     p.add_argument("--valid-prompts", type=int, default=128)
     p.add_argument("--eval-lengths", default="4096,8192,16384,32768")
     p.add_argument("--eval-prompts", type=int, default=256)
@@ -151,7 +159,9 @@ def train(args: argparse.Namespace) -> dict:
             validate(step, elapsed)
             done_validations = due
         phase = phase_index(progress, unlocked, args.max_len)
-        length = CURRICULUM[phase].length
+        lengths = CURRICULUM[phase].lengths
+        pick = int(torch.randint(len(lengths), (1,), generator=gen, device=device))
+        length = lengths[pick]
         batch_size = max(1, args.tokens_per_step // length)
         hi = min(MAX_NEEDLES, length // 16)
         needles = int(torch.randint(MIN_NEEDLES, hi + 1, (1,), generator=gen, device=device))
