@@ -78,7 +78,14 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def make_llm(setting: Setting, max_model_len: int, block: int, segment: int, on_gpu: bool):
+def make_llm(
+    setting: Setting,
+    max_model_len: int,
+    block: int,
+    segment: int,
+    on_gpu: bool,
+    gpu_mem: float = 0.5,
+):
     """A vLLM engine for `setting`: sparse settings use PBS with dense_fallback_len 0."""
     from vllm import LLM
 
@@ -90,7 +97,7 @@ def make_llm(setting: Setting, max_model_len: int, block: int, segment: int, on_
         dtype="bfloat16" if on_gpu else "float32",
     )
     if on_gpu:
-        kwargs["gpu_memory_utilization"] = 0.5
+        kwargs["gpu_memory_utilization"] = gpu_mem
     if setting.pbs is None:
         kwargs["attention_backend"] = "FLASH_ATTN" if on_gpu else "CPU_ATTN"
     else:
@@ -131,9 +138,10 @@ def run_setting(
     block: int,
     segment: int,
     on_gpu: bool,
+    gpu_mem: float = 0.5,
 ) -> list[Result]:
     """Accuracy and density of one setting at every length (one engine for all lengths)."""
-    llm = make_llm(setting, max(lengths) + 8, block, segment, on_gpu)
+    llm = make_llm(setting, max(lengths) + 8, block, segment, on_gpu, gpu_mem)
     results = []
     try:
         for n in lengths:
@@ -189,6 +197,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     p.add_argument("--block", type=int, default=128 if on_gpu else 16)
     p.add_argument("--segment", type=int, default=256 if on_gpu else 64)
     p.add_argument("--seed", type=int, default=BENCH_SEED)
+    p.add_argument(
+        "--gpu-mem", type=float, default=0.5, help="vLLM gpu_memory_utilization (GPU only)"
+    )
     args = p.parse_args(argv)
     if not (MODEL_DIR / "model.safetensors").exists():
         raise SystemExit(f"{MODEL_DIR}/model.safetensors is missing: train it with training.train")
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     results: list[Result] = []
     for s in settings:
         results += run_setting(
-            s, lengths, args.num_prompts, args.seed, args.block, args.segment, on_gpu
+            s, lengths, args.num_prompts, args.seed, args.block, args.segment, on_gpu, args.gpu_mem
         )
         print(markdown([r for r in results if r.setting == s.name], lengths), flush=True)
     table = markdown(results, lengths)

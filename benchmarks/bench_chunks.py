@@ -5,8 +5,8 @@ A prompt of `--length` tokens is prefilled in chunks of `--chunk` tokens over a 
 GPU time of PBS estimation (`build_block_mask`) and of the attention kernel, the host time
 of one `pbs_prefill` call (what the CPU spends launching it: hidden behind the GPU as long
 as nothing synchronises), the estimation's peak extra memory and the achieved density.
-Before timing it checks that `pbs_prefill` never synchronises the stream
-(`torch.cuda.set_sync_debug_mode("error")`).
+Before timing it checks that `pbs_prefill` does not synchronise the stream
+(`torch.cuda.set_sync_debug_mode("error")`; column `sync`).
 
     python benchmarks/bench_chunks.py --length 128k --chunk 16k --out results/
 
@@ -48,21 +48,25 @@ def paged_cache(n_keys: int, hkv: int, d: int, page: int, dtype, gen) -> PagedKV
     return PagedKV(kc, vc, table)
 
 
-def check_no_sync(q, kv, batch, params, scale) -> None:
-    """pbs_prefill twice (second call: everything cached) under sync-debug 'error'."""
+def sync_error(q, kv, batch, params, scale) -> str | None:
+    """pbs_prefill twice (the second as a later layer of the step would run it) with
+    sync-debug 'error' on the second; the error text if it synchronised, else None."""
     pbs_prefill(q, kv, batch, params, scale)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         pbs_prefill(q, kv, batch, params, scale)
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    return None
 
 
 def chunk_row(q, kv, batch, params, scale) -> dict:
     """GPU ms of estimation and attention (medians), host ms of a layer's call once the
     step's plan is cached, peak extra MiB of estimation, density."""
-    check_no_sync(q, kv, batch, params, scale)
+    sync = sync_error(q, kv, batch, params, scale)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -83,6 +87,7 @@ def chunk_row(q, kv, batch, params, scale) -> dict:
         "host_ms": host_ms,
         "estimate_peak_mib": peak_mib,
         "density": mask.density(),
+        "sync": sync,
     }
 
 
@@ -114,14 +119,14 @@ def main() -> None:
         f"{args.q_heads}/{args.kv_heads} heads, d {d}, bf16; one layer",
         "",
         "| setting | chunk start | estimate ms | attention ms | host ms/call | "
-        "estimate peak MiB | density |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "estimate peak MiB | density | sync |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['setting']} | {r['ctx'] // 1024}K | {r['estimate_ms']:.2f} | "
             f"{r['attention_ms']:.2f} | {r['host_ms']:.2f} | {r['estimate_peak_mib']:.1f} | "
-            f"{r['density']:.3f} |"
+            f"{r['density']:.3f} | {r['sync'] or 'none'} |"
         )
     for name in args.settings.split(","):
         mine = [r for r in rows if r["setting"] == name]

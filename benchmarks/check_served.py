@@ -7,6 +7,11 @@ the top logprobs differ. Exit code 0 only if every completion matches.
 
     python benchmarks/check_served.py --model /tmp/llama-dummy -- \
         --load-format dummy --tensor-parallel-size 2 --distributed-executor-backend ray
+
+`--retrieval-prompts N` replaces the text prompts by N held-out 2K-token prompts of the
+retrieval task (token ids): with `--model pbs_vllm/models/retrieval-llama`, a model with
+real weights, so greedy tokens are decided by clear margins, not by dummy-weight ties, and
+the PBS estimation runs on a permuted region (block 16, segment 32, every block kept).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the `training` folder
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog because",
@@ -36,7 +44,13 @@ def _post(url: str, body: dict) -> dict:
 
 
 def serve_and_complete(
-    model: str, backend: str, extra: list[str], port: int, tokens: int, startup_s: int
+    model: str,
+    backend: str,
+    extra: list[str],
+    port: int,
+    tokens: int,
+    startup_s: int,
+    prompts: list,
 ) -> list[dict]:
     cmd = [
         "vllm",
@@ -55,7 +69,7 @@ def serve_and_complete(
     with open(f"/tmp/serve-{backend}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            return _wait_and_complete(proc, model, backend, port, tokens, startup_s)
+            return _wait_and_complete(proc, model, backend, port, tokens, startup_s, prompts)
         finally:
             proc.terminate()
             try:
@@ -65,7 +79,7 @@ def serve_and_complete(
 
 
 def _wait_and_complete(
-    proc, model: str, backend: str, port: int, tokens: int, startup_s: int
+    proc, model: str, backend: str, port: int, tokens: int, startup_s: int, prompts: list
 ) -> list[dict]:
     deadline = time.time() + startup_s
     while True:
@@ -81,7 +95,7 @@ def _wait_and_complete(
                 raise TimeoutError(f"{backend} server not healthy in {startup_s}s") from None
             time.sleep(2)
     out = []
-    for p in PROMPTS:
+    for p in prompts:
         r = _post(
             f"http://127.0.0.1:{port}/v1/completions",
             {"model": model, "prompt": p, "max_tokens": tokens, "temperature": 0, "logprobs": 1},
@@ -103,15 +117,23 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--port", type=int, default=8011)
     ap.add_argument("--startup-s", type=int, default=420)
+    ap.add_argument("--retrieval-prompts", type=int, default=0, help="use N 2K retrieval prompts")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="flags passed to vllm serve")
     args = ap.parse_args()
     extra = [a for a in args.extra if a != "--"]
-    ref = serve_and_complete(
-        args.model, "FLASH_ATTN", extra, args.port, args.tokens, args.startup_s
+    prompts = PROMPTS
+    if args.retrieval_prompts:
+        from training.retrieval_data import eval_prompts
+
+        prompts = eval_prompts(args.retrieval_prompts, 2048, 16, seed=7)[0]
+    ref, pbs = (
+        serve_and_complete(
+            args.model, backend, extra, args.port, args.tokens, args.startup_s, prompts
+        )
+        for backend in ("FLASH_ATTN", "pbs")
     )
-    pbs = serve_and_complete(args.model, "pbs", extra, args.port, args.tokens, args.startup_s)
     ok = True
-    for p, a, b in zip(PROMPTS, ref, pbs):
+    for p, a, b in zip(prompts, ref, pbs):
         same = a["tokens"] == b["tokens"]
         ok &= same
         diffs = [
@@ -123,7 +145,7 @@ def main() -> int:
         print(
             json.dumps(
                 {
-                    "prompt": p[:40],
+                    "prompt": p[:40] if isinstance(p, str) else f"{len(p)} token ids",
                     "identical": same,
                     "first_diff": first,
                     "max_logprob_diff": max(diffs) if diffs else None,
