@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Call 1 (with transfer vllm-01, no vLLM yet): the chunk benchmark alone on the GPU, then
-# training in the background (it runs on through the next calls), then the kernel GPU tests.
+# training in the background (it runs on through the next calls).
 . benchmarks/gpu/common.sh
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } >"$RES/gpu.txt"
@@ -10,7 +10,5 @@ timeout 200 python3 benchmarks/bench_chunks.py --length 128k --chunk 16k --out "
 tail -8 "$RES/bench_chunks.log"
 setsid nohup python3 -m training.train --out /tmp/retrieval-llama --minutes 7 \
   >"$RES/train.log" 2>&1 < /dev/null &
-timeout 240 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider \
-  >"$RES/gpu_kernel_tests.log" 2>&1; echo "kernel gpu tests rc=$?" >>"$RES/gpu_kernel_tests.log"
-tail -4 "$RES/gpu_kernel_tests.log"
+sleep 20; tail -3 "$RES/train.log"
 pack s1
