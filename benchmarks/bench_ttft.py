@@ -107,15 +107,22 @@ def run_worker(args: argparse.Namespace) -> None:
 
     if args.decode_tokens:
         many = [prompt(args.decode_prompt_len) for _ in range(args.decode_batch)]
-        dec = SamplingParams(max_tokens=args.decode_tokens, temperature=0.0, ignore_eos=True)
-        llm.generate(many[:2], dec, use_tqdm=False)
-        t0 = time.perf_counter()
-        outs = llm.generate(many, dec, use_tqdm=False)
-        dt = time.perf_counter() - t0
-        ntok = sum(len(o.outputs[0].token_ids) for o in outs)
+
+        def batch_s(max_tokens: int) -> float:
+            sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            llm.generate(many, sp, use_tqdm=False)
+            return time.perf_counter() - t0
+
+        batch_s(2)  # warm-up
+        # Decode only: the same batch with 1 and with N output tokens; the difference is
+        # N - 1 decode steps of the whole batch (prefill and first sample cancel out).
+        prefill = statistics.median(batch_s(1) for _ in range(args.reps))
+        full = statistics.median(batch_s(args.decode_tokens) for _ in range(args.reps))
         row = {
             "config": args.config,
-            "decode_tok_per_s": ntok / dt,
+            "decode_tok_per_s": (args.decode_tokens - 1) * len(many) / (full - prefill),
             "decode_batch": args.decode_batch,
         }
         print("RESULT " + json.dumps(row), flush=True)
@@ -134,7 +141,10 @@ def write_profile(run, path: Path) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall = run()
     events = prof.key_averages()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    # Device events are kernels, memsets/copies and the "pbs_*" ranges (not kernels).
+    kernels = [
+        e for e in events if e.device_type == DeviceType.CUDA and not e.key.startswith("pbs_")
+    ]
     kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6
     table = events.table(sort_by="device_time_total", row_limit=45, max_name_column_width=60)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,11 +46,11 @@ class Phase:
 CURRICULUM = (
     Phase(0.00, (128,)),
     Phase(0.05, (512,)),
-    Phase(0.12, (2048,)),
-    Phase(0.22, (4096,)),
-    Phase(0.35, (8192,)),
-    Phase(0.50, (16384,)),
-    Phase(0.70, (2048, 4096, 8192, 16384)),
+    Phase(0.15, (2048,)),
+    Phase(0.30, (4096,)),
+    Phase(0.50, (8192,)),
+    Phase(0.70, (16384,)),
+    Phase(0.85, (2048, 4096, 8192, 16384)),
 )
 MIN_NEEDLES, MAX_NEEDLES = 4, 32
 # A phase longer than the current one starts only after the training accuracy of a log
@@ -160,8 +160,10 @@ def train(args: argparse.Namespace) -> dict:
             done_validations = due
         phase = phase_index(progress, unlocked, args.max_len)
         lengths = CURRICULUM[phase].lengths
-        pick = int(torch.randint(len(lengths), (1,), generator=gen, device=device))
-        length = lengths[pick]
+        length = lengths[0]
+        if len(lengths) > 1:  # single-length phases draw nothing: the data stream before
+            # the mixed phase does not depend on it
+            length = lengths[int(torch.randint(len(lengths), (1,), generator=gen, device=device))]
         batch_size = max(1, args.tokens_per_step // length)
         hi = min(MAX_NEEDLES, length // 16)
         needles = int(torch.randint(MIN_NEEDLES, hi + 1, (1,), generator=gen, device=device))

@@ -13,7 +13,7 @@ for s in ${ACC_SETTINGS:-dense pbs-0.9 meanpool-0.9 pbs-0.8 pbs-0.95}; do
     --num-prompts 50 --gpu-mem 0.3 --settings "$s" >"$RES/acc-$s.log" 2>&1
   grep -h "^| $s " "$RES/acc-$s/bench_accuracy.md" || tail -3 "$RES/acc-$s.log"
 done
-timeout $(( 575 - SECONDS )) python3 benchmarks/bench_ttft.py --model /tmp/llama8b \
+[ "${SKIP_TTFT:-0}" = 1 ] || timeout $(( 575 - SECONDS )) python3 benchmarks/bench_ttft.py --model /tmp/llama8b \
   --lengths 8k,16k,32k,64k,128k,256k --configs flash --reps 3 --eager \
   --decode-tokens 128 --profile 128k --out "$RES/ttft-flash" 2>&1 | tee "$RES/ttft-flash.log" | tail -4
 pack s3
