@@ -145,12 +145,14 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
             common, decode_threshold=1
         )
-        runs = prefill_runs(
-            common.query_start_loc_cpu[: common.num_reqs + 1],
-            host_seq_lens(common),
-            num_decodes,
-            self.dense_below,
-        )
+        runs = []
+        if num_prefills:
+            runs = prefill_runs(
+                common.query_start_loc_cpu[: common.num_reqs + 1],
+                host_seq_lens(common),
+                num_decodes,
+                self.dense_below,
+            )
         if runs and all(run.dense for run in runs):
             # Every prefill is below dense_fallback_len: the whole step is a stock step
             # (the stock kernels are the fastest dense attention there is).
