@@ -132,3 +132,19 @@ def test_unsupported_layers_run_the_stock_impl(harness_factory, layer_kwargs, he
 def test_bad_config_fails_when_the_layer_is_built(harness_factory):
     with pytest.raises(PBSConfigError, match="tau"):
         harness_factory({"tau": 2})
+
+
+def test_decode_only_step_plans_no_prefill_runs(harness_factory, monkeypatch):
+    """A step of decodes alone never reads host sequence lengths (no prefill planning)."""
+    import pbs_vllm.backend.metadata as metadata
+
+    def no_host_lens(common):
+        raise AssertionError("decode-only step asked for host seq_lens")
+
+    monkeypatch.setattr(metadata, "host_seq_lens", no_host_lens)
+    h = harness_factory({**FULL_MASK, "dense_fallback_len": 0})
+    step = h.step([Req(37, 1), Req(100, 1), Req(5, 1)])
+    assert isinstance(step.metadata, PBSAttentionMetadata) and not step.metadata.prefill_runs
+    torch.testing.assert_close(
+        step.output.double(), causal_reference(step, h.scale), atol=2e-4, rtol=1e-3
+    )
