@@ -1,4 +1,9 @@
-"""`PBSAttentionImpl`: decode tokens on the stock impl, prefill tokens on `pbs_prefill`.
+"""`PBSAttentionImpl`: decode tokens on the stock impl, prefill tokens on the PBS kernels.
+
+Per layer, prefill runs are estimated first (`prefill_mask`). When every sparse run's mask
+keeps at least `dense_above` of its blocks and the step has no decodes, the stock impl
+attends the whole step densely (faster than PBS at that density); otherwise the decodes go
+to the stock impl and the prefill runs to `pbs_attention`.
 
 A layer whose configuration the PBS kernels cannot run (see `unsupported_reason`) gets the
 stock impl itself instead of a PBSAttentionImpl, so it behaves exactly like a stock run;
@@ -10,16 +15,18 @@ from __future__ import annotations
 import inspect
 
 import torch
+from torch.profiler import record_function
 from vllm.config import get_current_vllm_config
 from vllm.utils.torch_utils import is_quantized_kv_cache
 from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
 
+from pbs_vllm import metrics
 from pbs_vllm.backend.log import get_logger
 from pbs_vllm.backend.metadata import PBSAttentionMetadata
 from pbs_vllm.backend.stats import STATS
 from pbs_vllm.backend.stock import CPU_VIEWABLE_ISAS, paged_kv, stock_backend
 from pbs_vllm.config import get_pbs_config
-from pbs_vllm.kernels import PagedKV, pbs_prefill
+from pbs_vllm.kernels import PagedKV, pbs_attention, prefill_mask
 
 logger = get_logger(__name__)
 
@@ -108,7 +115,9 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
             "kv_sharing_target_layer_name",
         ):
             setattr(self, name, getattr(self.stock, name))
-        self.params = get_pbs_config(get_current_vllm_config()).sparsity_params()
+        config = get_pbs_config(get_current_vllm_config())
+        self.params = config.sparsity_params()
+        self.dense_above = config.dense_above
         self._on_cpu = stock_backend().get_name() == "CPU_ATTN"
 
     def get_impl_variants(self) -> tuple:
@@ -150,23 +159,42 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("PBS attention does not fuse output quantization")
         m = attn_metadata
+        work = self._plan_prefills(layer, query, kv_cache, m) if m.prefill_runs else []
+        if work and self._all_too_dense(work, m, getattr(layer, "layer_name", None)):
+            # Every prefill mask of this layer keeps >= dense_above of its blocks: the stock
+            # kernel attends densely faster than PBS would sparsely. (No decodes here.)
+            metrics.record_fallback("dense_mask")
+            return self.stock.forward(layer, query, key, value, kv_cache, m.stock_all, output)
         if m.decode is not None:
             # The stock impl reads rows [0, m.decode.num_actual_tokens): the decodes.
             self.stock.forward(layer, query, key, value, kv_cache, m.decode, output)
-        if m.prefill_runs:
-            cache = paged_kv(kv_cache, m.block_table, layer.isa if self._on_cpu else None)
-            sample = STATS.density_due()
-            for run in m.prefill_runs:
-                kv = PagedKV(cache.key_cache, cache.value_cache, m.block_table[run.reqs])
-                _, mask = pbs_prefill(
-                    query[run.rows],
-                    kv,
-                    run.batch,
-                    self.params,
-                    self.scale,
-                    out=output[run.rows],
-                    dense=run.dense,
-                )
-                if sample and not run.dense:
-                    STATS.record_density(mask.density(), getattr(layer, "layer_name", None))
+        for run, q, kv, mask in work:
+            with record_function("pbs_attention"):
+                pbs_attention(q, kv, mask, self.scale, out=output[run.rows])
         return output
+
+    def _plan_prefills(self, layer, query, kv_cache, m: PBSAttentionMetadata) -> list[tuple]:
+        """(run, q [T_run, Hq, D], PagedKV, mask) of every prefill run: estimation only."""
+        cache = paged_kv(kv_cache, m.block_table, layer.isa if self._on_cpu else None)
+        work = []
+        for run in m.prefill_runs:
+            kv = PagedKV(cache.key_cache, cache.value_cache, m.block_table[run.reqs])
+            q = query[run.rows]
+            mask = prefill_mask(q, kv, run.batch, self.params, self.scale, dense=run.dense)
+            work.append((run, q, kv, mask))
+        return work
+
+    def _all_too_dense(self, work: list[tuple], m: PBSAttentionMetadata, name) -> bool:
+        """Whether every sparse run's mask density reaches dense_above (stock_all needed).
+
+        Reads the densities (one device sync) when the switch can happen or a stats
+        sample is due, and records them as samples.
+        """
+        can_switch = self.dense_above is not None and m.stock_all is not None
+        sparse = [mask for run, _, _, mask in work if not run.dense]
+        if not sparse or not (can_switch or STATS.density_due()):
+            return False
+        densities = torch.stack([mask.density_tensor() for mask in sparse]).tolist()
+        for d in densities:
+            STATS.record_density(d, name)
+        return can_switch and all(d >= self.dense_above for d in densities)

@@ -6,7 +6,8 @@ get host-side `ChunkBatch`es built from CPU copies vLLM already holds, grouped i
 of consecutive requests that share a mode (sparse, or dense below `dense_fallback_len`).
 A step whose prefills are all dense gets the stock metadata itself, so the stock impl
 (FA3 on Hopper) runs the whole step; dense runs beside sparse ones use the PBS kernel with
-the full causal mask.
+the full causal mask. With `dense_above` set, a step with sparse runs also carries the
+stock metadata of the whole step, for layers whose estimated masks come out too dense.
 """
 
 from __future__ import annotations
@@ -53,13 +54,16 @@ class PrefillRun:
 @dataclass
 class PBSAttentionMetadata:
     """decode: stock metadata of rows [0, num_decode_tokens) (None without decodes);
-    block_table: [num_reqs, max_pages] int32 (device); prefill_runs: the prefill rows."""
+    block_table: [num_reqs, max_pages] int32 (device); prefill_runs: the prefill rows;
+    stock_all: stock metadata of the whole step, for layers whose masks come out dense
+    (None when `dense_above` is off, or the step has decodes or no sparse run)."""
 
     num_actual_tokens: int
     num_decode_tokens: int
     decode: Any
     block_table: torch.Tensor
     prefill_runs: list[PrefillRun]
+    stock_all: Any = None
 
 
 def prefill_runs(
@@ -113,6 +117,7 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         config = get_pbs_config(vllm_config)
         self.dense_below = config.dense_fallback_len
+        self.dense_above = config.dense_above
         STATS.configure(config.stats_log_interval_s)
         self.stock = stock_backend().get_builder_cls()(
             kv_cache_spec, layer_names, vllm_config, device
@@ -168,12 +173,19 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
                     max_query_len=1
                 )
                 decode = self.stock.build(common_prefix_len, decode_common, fast_build)
+            stock_all = None
+            if self.dense_above is not None and not num_decodes:
+                # Only without decodes: two stock builds in one step may share the stock
+                # builder's persistent buffers (FA3's scheduler metadata under full CUDA
+                # graphs), so a step never holds both.
+                stock_all = self.stock.build(common_prefix_len, common, fast_build)
             metadata = PBSAttentionMetadata(
                 num_actual_tokens=common.num_actual_tokens,
                 num_decode_tokens=num_decode_tokens,
                 decode=decode,
                 block_table=common.block_table_tensor,
                 prefill_runs=runs,
+                stock_all=stock_all,
             )
         tokens = {True: 0, False: 0}
         short = 0

@@ -105,6 +105,7 @@ def make_llm(
             "block_size": block,
             "segment_size": segment,
             "dense_fallback_len": 0,
+            "dense_above": None,  # PBS at any density: accuracy of the masks themselves
             "stats_log_interval_s": 1e-9,  # sample density at every layer and step
             **setting.pbs,
         }

@@ -25,14 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-# name -> (attention backend, PBS settings or None)
+# name -> (attention backend, PBS settings or None). Every pbs-* config but the default
+# runs PBS at every length and density (no dense fallback, no dense switch).
+_PURE = {"dense_fallback_len": 0, "dense_above": None}
 CONFIGS: dict[str, tuple[str, dict | None]] = {
     "flash": ("FLASH_ATTN", None),
-    "pbs-d5": ("pbs", {"max_density": 0.05, "tau": 1.0, "dense_fallback_len": 0}),
-    "pbs-d10": ("pbs", {"max_density": 0.10, "tau": 1.0, "dense_fallback_len": 0}),
-    "pbs-d25": ("pbs", {"max_density": 0.25, "tau": 1.0, "dense_fallback_len": 0}),
-    "pbs-tau": ("pbs", {"tau": 0.9, "dense_fallback_len": 0}),
-    "pbs-full": ("pbs", {"tau": 1.0, "dense_fallback_len": 0}),
+    "pbs-d5": ("pbs", {"max_density": 0.05, "tau": 1.0, **_PURE}),
+    "pbs-d10": ("pbs", {"max_density": 0.10, "tau": 1.0, **_PURE}),
+    "pbs-d25": ("pbs", {"max_density": 0.25, "tau": 1.0, **_PURE}),
+    "pbs-tau": ("pbs", {"tau": 0.9, **_PURE}),
+    "pbs-full": ("pbs", {"tau": 1.0, **_PURE}),
     "pbs-default": ("pbs", {}),
 }
 

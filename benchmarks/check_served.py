@@ -32,7 +32,15 @@ PROMPTS = [
     "In a distant galaxy, the engineers of the starship decided to",
     "Permuted block-sparse attention speeds up long prefill by",
 ]
-FULL_MASK = {"pbs": {"tau": 1.0, "dense_fallback_len": 0, "block_size": 16, "segment_size": 32}}
+FULL_MASK = {
+    "pbs": {
+        "tau": 1.0,
+        "dense_fallback_len": 0,
+        "dense_above": None,  # every block kept, and still the PBS kernels
+        "block_size": 16,
+        "segment_size": 32,
+    }
+}
 
 
 def _post(url: str, body: dict) -> dict:

@@ -49,6 +49,7 @@ SOAK_PBS = {
     "block_size": 16,
     "segment_size": 32,
     "tau": 1.0,
+    "dense_above": None,  # full masks must run the PBS kernels, not switch to stock
     "dense_fallback_len": 64,
     "stats_log_interval_s": 1.0,
 }

@@ -21,6 +21,7 @@ _EXPORTS = {
     "pbs_attention": "attention",
     "pbs_attention_ref": "attention_ref",
     "pbs_prefill": "prefill",
+    "prefill_mask": "prefill",
 }
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "pbs_attention",
     "pbs_attention_ref",
     "pbs_prefill",
+    "prefill_mask",
 ]
 
 if TYPE_CHECKING:
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
     from pbs_vllm.kernels.estimate_ref import build_block_mask_ref
     from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
     from pbs_vllm.kernels.params import SparsityParams
-    from pbs_vllm.kernels.prefill import pbs_prefill
+    from pbs_vllm.kernels.prefill import pbs_prefill, prefill_mask
 
 
 def __getattr__(name: str):

@@ -156,8 +156,12 @@ class PBSBlockMask:
 
         The own causal region counts the key blocks it touches; 1.0 for a dense mask.
         """
+        return self.density_tensor().item()
+
+    def density_tensor(self) -> torch.Tensor:
+        """`density()` as a 0-d float64 tensor on the mask's device (no host sync)."""
         computed, visible = self._block_counts()
-        return computed.sum().item() / visible.sum().item()
+        return computed.sum().double() / visible.sum().double()
 
     def sparsity(self) -> float:
         """1 - density(): the fraction of causally visible key blocks skipped."""

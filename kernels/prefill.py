@@ -1,4 +1,5 @@
-"""`pbs_prefill`: estimate the PBS mask of a chunk batch and run block-sparse attention.
+"""`pbs_prefill`: estimate the PBS mask of a chunk batch and run block-sparse attention
+(`prefill_mask` alone: the estimation half).
 
 This is the entry point of the vLLM backend for the prefill part of a batch. The two
 stages run under `torch.profiler` ranges "pbs_estimate" and "pbs_attention".
@@ -17,6 +18,21 @@ from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
 from pbs_vllm.kernels.params import SparsityParams
 
 
+def prefill_mask(
+    q: torch.Tensor,
+    kv: PagedKV,
+    batch: ChunkBatch,
+    params: SparsityParams,
+    scale: float,
+    dense: bool = False,
+) -> PBSBlockMask:
+    """The block mask `pbs_prefill` attends with (estimation only; arguments as there)."""
+    with record_function("pbs_estimate"):
+        if dense or not any(permuted_region_lengths(batch, params.segment_size)):
+            return dense_block_mask(batch, params.block_size, kv.num_kv_heads, q.device)
+        return build_block_mask(q, kv, batch, params, scale)
+
+
 def pbs_prefill(
     q: torch.Tensor,
     kv: PagedKV,
@@ -31,11 +47,7 @@ def pbs_prefill(
     The mask is PBS-sparse, or the full causal `dense_block_mask` when `dense` is set or
     no sequence reaches past its first segment (nothing to permute or skip).
     """
-    with record_function("pbs_estimate"):
-        if dense or not any(permuted_region_lengths(batch, params.segment_size)):
-            mask = dense_block_mask(batch, params.block_size, kv.num_kv_heads, q.device)
-        else:
-            mask = build_block_mask(q, kv, batch, params, scale)
+    mask = prefill_mask(q, kv, batch, params, scale, dense)
     with record_function("pbs_attention"):
         out = pbs_attention(q, kv, mask, scale, out=out)
     return out, mask

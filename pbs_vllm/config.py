@@ -47,6 +47,13 @@ class PBSConfig(BaseModel):
     dense_fallback_len: int = Field(
         65536, ge=0, description="Prefills whose sequence is shorter than this run dense."
     )
+    dense_above: float | None = Field(
+        0.6,
+        gt=0.0,
+        le=1.0,
+        description="A layer whose PBS masks keep at least this fraction of blocks runs the "
+        "step's prefill on the stock kernel (none = never).",
+    )
     scoring: Literal["mean", "antidiagonal"] = Field(
         "mean", description="Block scoring: mean pooling (PBS) or antidiagonal (PBS+)."
     )
@@ -121,6 +128,7 @@ _ALLOWED = {
     "tau": "a number in (0, 1]",
     "max_density": "a number in (0, 1], or null for no cap",
     "dense_fallback_len": "an integer >= 0",
+    "dense_above": "a number in (0, 1], or null to never switch",
     "scoring": "'mean' or 'antidiagonal'",
     "antidiagonal_stride": "an integer >= 1 dividing block_size",
     "permute": "true or false",

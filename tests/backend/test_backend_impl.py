@@ -12,7 +12,14 @@ from pbs_vllm.backend.stats import STATS
 from pbs_vllm.config import PBSConfigError
 from pbs_vllm.kernels import PagedKV, build_block_mask, pbs_attention_ref
 
-FULL_MASK = {"block_size": 16, "segment_size": 32, "tau": 1.0, "stats_log_interval_s": 0}
+# dense_above off: a full mask (density 1) must still run the PBS kernels here.
+FULL_MASK = {
+    "block_size": 16,
+    "segment_size": 32,
+    "tau": 1.0,
+    "dense_above": None,
+    "stats_log_interval_s": 0,
+}
 # decodes first (vLLM reorders the batch), then a short extend, a middle chunk of a long
 # prompt, and a fresh prompt; GQA 4 query heads over 2 KV heads.
 MIXED = [Req(37, 1), Req(100, 1), Req(5, 1), Req(40, 3), Req(96, 80), Req(0, 70)]
@@ -148,3 +155,55 @@ def test_decode_only_step_plans_no_prefill_runs(harness_factory, monkeypatch):
     torch.testing.assert_close(
         step.output.double(), causal_reference(step, h.scale), atol=2e-4, rtol=1e-3
     )
+
+
+def _count_pbs_attention(monkeypatch) -> list[int]:
+    """Counts calls of the PBS attention kernel made by the impl."""
+    import pbs_vllm.backend.impl as impl
+
+    calls = [0]
+    real = impl.pbs_attention
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(impl, "pbs_attention", counted)
+    return calls
+
+
+PREFILLS = [Req(96, 80), Req(0, 70)]  # no decodes: a step that may switch to stock
+
+
+@pytest.mark.parametrize(
+    ("reqs", "switches"),
+    [(PREFILLS, True), ([Req(37, 1), *PREFILLS], False)],
+    ids=["prefills-only", "with-decodes"],
+)
+def test_dense_masks_switch_the_layer_to_the_stock_kernel(
+    harness_factory, monkeypatch, reqs, switches
+):
+    """Full masks (density 1) reach dense_above: without decodes in the step the stock
+    kernel attends everything; with decodes PBS runs as usual. Both exact."""
+    calls = _count_pbs_attention(monkeypatch)
+    h = harness_factory({**FULL_MASK, "dense_above": 0.6, "dense_fallback_len": 0})
+    STATS.reset()
+    step = h.step(reqs)
+    assert (step.metadata.stock_all is not None) == switches
+    assert calls[0] == (0 if switches else 1)
+    torch.testing.assert_close(
+        step.output.double(), causal_reference(step, h.scale), atol=2e-4, rtol=1e-3
+    )
+    if switches:
+        assert STATS.snapshot()["mean_density"] == 1.0
+
+
+def test_sparse_masks_below_dense_above_run_pbs(harness_factory, monkeypatch):
+    calls = _count_pbs_attention(monkeypatch)
+    h = harness_factory(
+        {**FULL_MASK, "tau": 1.0, "max_density": 0.25, "dense_above": 0.6, "dense_fallback_len": 0}
+    )
+    STATS.reset()
+    h.step(PREFILLS)
+    density = STATS.snapshot()["mean_density"]
+    assert calls[0] == 1 and density is not None and density < 0.6

@@ -17,6 +17,7 @@ PBS_FULL = {
     "block_size": 16,
     "segment_size": 32,
     "tau": 1.0,
+    "dense_above": None,  # full masks must run the PBS kernels, not switch to stock
     "max_density": None,
     "dense_fallback_len": 0,
     "stats_log_interval_s": 1e-6,

@@ -23,6 +23,7 @@ GPU_PBS = {
     "block_size": 64,
     "segment_size": 128,
     "tau": 1.0,
+    "dense_above": None,  # full masks must run the PBS kernels, not switch to stock
     "max_density": None,
     "dense_fallback_len": 0,
     "stats_log_interval_s": 1e-6,
