@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-from torch.profiler import record_function
 from vllm.config import get_current_vllm_config
 from vllm.utils.torch_utils import is_quantized_kv_cache
 from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
@@ -169,8 +168,7 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
             # The stock impl reads rows [0, m.decode.num_actual_tokens): the decodes.
             self.stock.forward(layer, query, key, value, kv_cache, m.decode, output)
         for run, q, kv, mask in work:
-            with record_function("pbs_attention"):
-                pbs_attention(q, kv, mask, self.scale, out=output[run.rows])
+            pbs_attention(q, kv, mask, self.scale, out=output[run.rows])
         return output
 
     def _plan_prefills(self, layer, query, kv_cache, m: PBSAttentionMetadata) -> list[tuple]:

@@ -22,20 +22,22 @@ import time
 from pathlib import Path
 
 import torch
+from bench_ttft import parse_length  # sibling script: run this one as a file, like it
 from triton.testing import do_bench
 
-from pbs_vllm.kernels import ChunkBatch, PagedKV, SparsityParams, build_block_mask, pbs_prefill
-from pbs_vllm.kernels.attention import pbs_attention
+from pbs_vllm.kernels import (
+    ChunkBatch,
+    PagedKV,
+    SparsityParams,
+    build_block_mask,
+    pbs_attention,
+    pbs_prefill,
+)
 
 SETTINGS = {
     "tau0.9": SparsityParams(tau=0.9),
     "d10": SparsityParams(tau=1.0, max_density=0.1),
 }
-
-
-def parse_length(text: str) -> int:
-    text = text.strip().lower()
-    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
 
 
 def paged_cache(n_keys: int, hkv: int, d: int, page: int, dtype, gen) -> PagedKV:

@@ -134,7 +134,7 @@ def write_profile(run, path: Path) -> None:
     """Profile one `run()` (a prefill) with torch.profiler; write the op table to `path`.
 
     The table ranks ops by device time; "pbs_estimate" / "pbs_attention" are the PBS
-    stages (torch.profiler ranges in pbs_prefill), "wall" is the host time of the run,
+    stages (torch.profiler ranges of pbs_vllm.kernels), "wall" is the host time of the run,
     so wall minus the summed kernel time is time the GPU sat idle.
     """
     from torch.autograd import DeviceType

@@ -20,6 +20,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.profiler import record_function
 
 from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks
 from pbs_vllm.kernels.paged import PagedKV, upload
@@ -417,8 +418,21 @@ def pbs_attention(
     scale: softmax scale (usually D ** -0.5).
     out: optional [T, Hq, D] in q's dtype (any strides), written in place.
     Returns out [T, Hq, D] in q's dtype, and with return_lse=True also the natural-log
-    sum-exp of the scaled scores, [Hq, T] float32.
+    sum-exp of the scaled scores, [Hq, T] float32. Runs under the torch.profiler range
+    "pbs_attention".
     """
+    with record_function("pbs_attention"):
+        return _pbs_attention(q, kv, mask, scale, out, return_lse)
+
+
+def _pbs_attention(
+    q: torch.Tensor,
+    kv: PagedKV,
+    mask: PBSBlockMask,
+    scale: float,
+    out: torch.Tensor | None,
+    return_lse: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(q, kv, mask, out)
     t, hq, d = q.shape
     hkv = kv.num_kv_heads

@@ -1,8 +1,8 @@
 """`pbs_prefill`: estimate the PBS mask of a chunk batch and run block-sparse attention
 (`prefill_mask` alone: the estimation half).
 
-This is the entry point of the vLLM backend for the prefill part of a batch. The two
-stages run under `torch.profiler` ranges "pbs_estimate" and "pbs_attention".
+This is the entry point of the vLLM backend for the prefill part of a batch. Estimation
+runs under the `torch.profiler` range "pbs_estimate" (attention: "pbs_attention").
 """
 
 from __future__ import annotations
@@ -48,6 +48,4 @@ def pbs_prefill(
     no sequence reaches past its first segment (nothing to permute or skip).
     """
     mask = prefill_mask(q, kv, batch, params, scale, dense)
-    with record_function("pbs_attention"):
-        out = pbs_attention(q, kv, mask, scale, out=out)
-    return out, mask
+    return pbs_attention(q, kv, mask, scale, out=out), mask

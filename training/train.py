@@ -160,9 +160,10 @@ def train(args: argparse.Namespace) -> dict:
             done_validations = due
         phase = phase_index(progress, unlocked, args.max_len)
         lengths = CURRICULUM[phase].lengths
+        # Single-length phases draw nothing, so the data stream before the mixed phase
+        # does not depend on it.
         length = lengths[0]
-        if len(lengths) > 1:  # single-length phases draw nothing: the data stream before
-            # the mixed phase does not depend on it
+        if len(lengths) > 1:
             length = lengths[int(torch.randint(len(lengths), (1,), generator=gen, device=device))]
         batch_size = max(1, args.tokens_per_step // length)
         hi = min(MAX_NEEDLES, length // 16)
