@@ -61,6 +61,21 @@ def _kv_offsets(
 
 
 @triton.jit
+def _row_offsets(
+    row, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, SHARED_KV_STRIDES: tl.constexpr
+):
+    """`_kv_offsets` for caches whose pages follow each other row by row (page stride =
+    PAGE_SIZE x slot stride, vLLM's layout): a cache row indexes the slot stride directly."""
+    row = row.to(tl.int64)
+    k_offs = (row * stride_ks)[:, None] + offs_d[None, :] * stride_kd
+    if SHARED_KV_STRIDES:
+        v_offs = k_offs
+    else:
+        v_offs = (row * stride_vs)[:, None] + offs_d[None, :] * stride_vd
+    return k_offs, v_offs
+
+
+@triton.jit
 def _attend(
     acc,
     m_i,
@@ -177,6 +192,7 @@ def _pbs_fwd_kernel(
     BLOCK_B: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     SHARED_KV_STRIDES: tl.constexpr,
+    ROWS_CONTIGUOUS: tl.constexpr,
     STORE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -224,18 +240,15 @@ def _pbs_fwd_kernel(
     for it in range(0, n_sel * SUB):
         blk = tl.load(idx_row + it // SUB)
         row = tl.load(rows_row + blk * BLOCK_B + (it % SUB) * BLOCK_N + offs_n)
-        k_offs, v_offs = _kv_offsets(
-            row // PAGE_SIZE,
-            row % PAGE_SIZE,
-            offs_d,
-            stride_kp,
-            stride_ks,
-            stride_kd,
-            stride_vp,
-            stride_vs,
-            stride_vd,
-            SHARED_KV_STRIDES,
-        )
+        if ROWS_CONTIGUOUS:
+            k_offs, v_offs = _row_offsets(
+                row, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, SHARED_KV_STRIDES
+            )
+        else:
+            k_offs, v_offs = _kv_offsets(
+                row // PAGE_SIZE, row % PAGE_SIZE, offs_d, stride_kp, stride_ks, stride_kd,
+                stride_vp, stride_vs, stride_vd, SHARED_KV_STRIDES,
+            )  # fmt: skip
         acc, m_i, l_i = _attend(
             acc,
             m_i,
@@ -284,14 +297,18 @@ def _pbs_fwd_kernel(
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop key tiles that do not divide the mask's block size, and 4-warp configs above
-    head dim 64 (at d 128 they spilled 130-176 registers on an H100)."""
+    """Keep key tiles that divide the mask's block size, one warpgroup (4 warps) per 64 query
+    rows (4 warps on 128 rows at head dim 128 spilled 130-176 registers on an H100; head
+    dims up to 64 also try half the warps), and 64-key tiles for 256 rows above head dim 64
+    (128-key tiles there spill and run 13x slower)."""
     meta = {**named_args, **kwargs}
+    d, rows = meta["HEAD_DIM"], meta["BLOCK_M"]
     kept = [
         c
         for c in configs
         if meta["BLOCK_B"] % c.kwargs["BLOCK_N"] == 0
-        and (c.num_warps == 8 or meta["HEAD_DIM"] <= 64)
+        and (c.num_warps * 16 == rows or (d <= 64 and c.num_warps * 32 == rows))
+        and (rows < 256 or d <= 64 or c.kwargs["BLOCK_N"] <= 64)
     ]
     return kept or [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
 
@@ -299,21 +316,33 @@ def _prune_configs(configs, named_args, **kwargs):
 _TUNED_CONFIGS = [
     triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
     for n in (64, 128)
-    for w in (4, 8)
+    for w in (4, 8, 16)
     for s in (2, 3, 4)
 ]
 _pbs_fwd_tuned = triton.autotune(
     configs=_TUNED_CONFIGS,
-    key=["HEAD_DIM", "GROUP", "BLOCK_B", "PAGE_SIZE", "SHARED_KV_STRIDES"],
+    key=[
+        "HEAD_DIM",
+        "GROUP",
+        "BLOCK_B",
+        "PAGE_SIZE",
+        "SHARED_KV_STRIDES",
+        "ROWS_CONTIGUOUS",
+        "BLOCK_M",
+    ],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_pbs_fwd_kernel)
 
 
-def _block_m(head_dim: int, dtype: torch.dtype) -> int:
-    """Rows per query tile: smaller under the interpreter, for fp32 and the widest heads."""
+def _block_m(head_dim: int, dtype: torch.dtype, block_rows: int) -> int:
+    """Rows per query tile. 256 where a query block has that many (token, group head) rows
+    (block_rows): every K/V tile then serves twice the rows, 437 vs 381 TFLOP/s on the H100
+    sweep (docs/kernel-notes.md). Smaller under the interpreter, for fp32 and wide heads."""
     if _interpreted():
         return 32
-    return 128 if head_dim <= 128 and dtype != torch.float32 else 64
+    if dtype == torch.float32 or head_dim > 128:
+        return 64
+    return 256 if block_rows >= 256 else 128
 
 
 def _tile_table(mask: PBSBlockMask, group: int, block_m: int) -> torch.Tensor:
@@ -432,7 +461,12 @@ def _pbs_attention(
     scale: float,
     out: torch.Tensor | None,
     return_lse: bool,
+    block_m: int | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`pbs_attention` without the profiler range. block_m (rows per query tile) and an
+    explicit launch config (BLOCK_N, warps, stages; skips the autotuner) are for the
+    configuration sweep of benchmarks/sweep_configs.py."""
     _check_inputs(q, kv, mask, out)
     t, hq, d = q.shape
     hkv = kv.num_kv_heads
@@ -440,7 +474,7 @@ def _pbs_attention(
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(hq, t, dtype=torch.float32, device=q.device) if return_lse else out
-    block_m = _block_m(d, q.dtype)
+    block_m = block_m or _block_m(d, q.dtype, mask.block_size * group)
     tiles = _tile_table(mask, group, block_m)
     qb = mask.qblocks
     rows = _row_table(mask, kv)
@@ -482,12 +516,15 @@ def _pbs_attention(
         BLOCK_B=mask.block_size,
         PAGE_SIZE=kv.page_size,
         SHARED_KV_STRIDES=kc.stride() == vc.stride(),
+        ROWS_CONTIGUOUS=all(c.stride(0) == kv.page_size * c.stride(1) for c in (kc, vc)),
         STORE_LSE=return_lse,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m,
     )
     grid = (tiles.shape[0], hkv)
-    if _interpreted():
+    if config is not None:
+        _pbs_fwd_kernel[grid](*args, **meta, **config.all_kwargs())
+    elif _interpreted():
         _pbs_fwd_kernel[grid](*args, **meta, BLOCK_N=min(mask.block_size, 32))
     elif q.dtype == torch.float32:
         # Exact fp32 dots run on FMA units; small fixed tiles keep them in registers and

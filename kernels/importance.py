@@ -18,6 +18,8 @@ import triton.language as tl
 from pbs_vllm.kernels.paged import PagedKV
 from pbs_vllm.kernels.paged_tiles import load_paged_keys
 
+_LOG2E = 1.4426950408889634
+
 
 @triton.jit
 def _load_query_rows(q_ptr, rows, row_ok, head0, d, d_ok, stride_qt, stride_qh, stride_qd, GROUP):
@@ -49,9 +51,9 @@ def _row_lse_kernel(
     stride_lh,
     n_rows,
     q_pos,
-    scale,
-    head_dim,
+    scale_log2,
     GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -65,14 +67,14 @@ def _row_lse_kernel(
     row_ok = rows < n_rows
     pos = q_pos + rows // GROUP
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < head_dim
+    d_ok = d < HEAD_DIM  # constant-folded: all true when BLOCK_D == HEAD_DIM
     q = _load_query_rows(
         q_ptr, rows, row_ok, head * GROUP, d, d_ok, stride_qt, stride_qh, stride_qd, GROUP
     )
     last_pos = q_pos + (tl.minimum((pid_m + 1) * BLOCK_M, n_rows) - 1) // GROUP
     lo = pid_s * SPLIT
     hi = tl.minimum(lo + SPLIT, last_pos + 1)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
@@ -91,15 +93,16 @@ def _row_lse_kernel(
             stride_kd,
             PAGE,
         )
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where((keys[None, :] <= pos[:, None]) & key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        row_sum = row_sum * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+        row_sum = row_sum * tl.math.exp2(m - m_safe) + tl.sum(
+            tl.math.exp2(s - m_safe[:, None]), axis=1
+        )
         m = m_new
-    tl.store(
-        lse_ptr + pid_s * stride_ls + head * stride_lh + rows, m + tl.log(row_sum), mask=row_ok
-    )
+    lse = (m + tl.math.log2(row_sum)) * 0.6931471805599453  # log2 -> natural log
+    tl.store(lse_ptr + pid_s * stride_ls + head * stride_lh + rows, lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["stride_lh", "stride_oh", "n_rows", "n_keys", "q_pos"])
@@ -121,10 +124,11 @@ def _key_mass_kernel(
     n_rows,
     n_keys,
     q_pos,
-    scale,
-    head_dim,
+    scale_log2,
     GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr,
+    LOG2E: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -135,7 +139,7 @@ def _key_mass_kernel(
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < n_keys
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < head_dim
+    d_ok = d < HEAD_DIM  # constant-folded: all true when BLOCK_D == HEAD_DIM
     k = load_paged_keys(
         k_ptr,
         bt_row_ptr,
@@ -158,10 +162,10 @@ def _key_mass_kernel(
         q = _load_query_rows(
             q_ptr, rows, row_ok, head * GROUP, d, d_ok, stride_qt, stride_qh, stride_qd, GROUP
         )
-        lse = tl.load(lse_ptr + head * stride_lh + rows, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
+        lse = tl.load(lse_ptr + head * stride_lh + rows, mask=row_ok, other=0.0) * LOG2E
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
         visible = row_ok[:, None] & (keys[None, :] <= pos[:, None])
-        acc += tl.sum(tl.where(visible, tl.exp(s - lse[:, None]), 0.0), axis=0)
+        acc += tl.sum(tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0), axis=0)
     tl.store(out_ptr + head * stride_oh + keys, acc / n_rows, mask=key_ok)
 
 
@@ -176,12 +180,16 @@ def key_importance(
     block_m: int = 64,
     block_n: int = 64,
     split_len: int = 4096,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Importance of keys [0, n_keys) of sequence `seq` for its last queries, per KV head.
 
     q_last: [nq, Hq, D] (any strides), queries at absolute positions [q_pos, q_pos + nq);
     each attends causally to keys [0, its position] of block-table row `seq`.
     Returns [Hkv, n_keys] fp32: mean over (query, group head) rows of softmax(q.k * scale).
+    block_m / block_n (rows / keys per tile), split_len (keys per partial-LSE program),
+    num_warps and num_stages are launch tunables (defaults: the H100 sweep's best).
     """
     nq, hq, d = q_last.shape
     hkv = kv.num_kv_heads
@@ -202,8 +210,11 @@ def key_importance(
         PAGE=kv.page_size,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         DOT_PRECISION="ieee" if q_last.dtype == torch.float32 else "tf32",  # tf32: fp32 only
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     _row_lse_kernel[(triton.cdiv(n_rows, block_m), hkv, n_splits)](
         q_last,
@@ -216,8 +227,7 @@ def key_importance(
         lse_parts.stride(1),
         n_rows,
         q_pos,
-        scale,
-        d,
+        scale * _LOG2E,
         SPLIT=split_len,
         **common,
     )
@@ -235,8 +245,8 @@ def key_importance(
         n_rows,
         n_keys,
         q_pos,
-        scale,
-        d,
+        scale * _LOG2E,
+        LOG2E=_LOG2E,
         **common,
     )
     return out
