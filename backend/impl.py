@@ -2,8 +2,10 @@
 
 Per layer, prefill runs are estimated first (`prefill_mask`). When every sparse run's mask
 keeps at least `dense_above` of its blocks and the step has no decodes, the stock impl
-attends the whole step densely (faster than PBS at that density); otherwise the decodes go
-to the stock impl and the prefill runs to `pbs_attention`.
+attends the whole step densely (faster than PBS at that density), and so it does, without
+estimating, for the layer's next steps without decodes until `dense_hold_steps` steps have
+run dense. Otherwise the decodes go to the stock impl and the prefill runs to
+`pbs_attention`.
 
 A layer whose configuration the PBS kernels cannot run (see `unsupported_reason`) gets the
 stock impl itself instead of a PBSAttentionImpl, so it behaves exactly like a stock run;
@@ -117,6 +119,8 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         config = get_pbs_config(get_current_vllm_config())
         self.params = config.sparsity_params()
         self.dense_above = config.dense_above
+        self.dense_hold_steps = config.dense_hold_steps
+        self._held_steps = 0  # steps left that attend on the stock kernel unestimated
         self._on_cpu = stock_backend().get_name() == "CPU_ATTN"
 
     def get_impl_variants(self) -> tuple:
@@ -158,11 +162,17 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("PBS attention does not fuse output quantization")
         m = attn_metadata
+        if m.stock_all is not None and self._held_steps > 0:
+            # A recent step of this layer was too dense: stay on the stock kernel for now.
+            self._held_steps -= 1
+            metrics.record_fallback("dense_held")
+            return self.stock.forward(layer, query, key, value, kv_cache, m.stock_all, output)
         work = self._plan_prefills(layer, query, kv_cache, m) if m.prefill_runs else []
         if work and self._all_too_dense(work, m, getattr(layer, "layer_name", None)):
             # Every prefill mask of this layer keeps >= dense_above of its blocks: the stock
             # kernel attends densely faster than PBS would sparsely. (No decodes here.)
             metrics.record_fallback("dense_mask")
+            self._held_steps = self.dense_hold_steps - 1
             return self.stock.forward(layer, query, key, value, kv_cache, m.stock_all, output)
         if m.decode is not None:
             # The stock impl reads rows [0, m.decode.num_actual_tokens): the decodes.

@@ -54,6 +54,13 @@ class PBSConfig(BaseModel):
         description="A layer whose PBS masks keep at least this fraction of blocks runs the "
         "step's prefill on the stock kernel (none = never).",
     )
+    dense_hold_steps: int = Field(
+        8,
+        ge=1,
+        description="After a dense_above switch, the layer's prefill steps without decodes "
+        "stay on the stock kernel, unestimated, until this many (the switching one included) "
+        "have run; 1 = estimate every step.",
+    )
     scoring: Literal["mean", "antidiagonal"] = Field(
         "mean", description="Block scoring: mean pooling (PBS) or antidiagonal (PBS+)."
     )
@@ -129,6 +136,7 @@ _ALLOWED = {
     "max_density": "a number in (0, 1], or null for no cap",
     "dense_fallback_len": "an integer >= 0",
     "dense_above": "a number in (0, 1], or null to never switch",
+    "dense_hold_steps": "an integer >= 1",
     "scoring": "'mean' or 'antidiagonal'",
     "antidiagonal_stride": "an integer >= 1 dividing block_size",
     "permute": "true or false",

@@ -6,7 +6,8 @@ Metrics (created on first use, in the process that records them):
                                                     (computed / causally visible key blocks)
   pbs:fallback_total{reason=...}                    counter, prefills sent to dense attention:
                                                     short_prompt (per request and step),
-                                                    dense_mask (per layer and step)
+                                                    dense_mask (per layer and step),
+                                                    dense_held (per layer and step)
 
 Getting them onto vLLM's `/metrics`: the attention backend runs in the engine-core (or
 worker) process, `/metrics` is served by the API-server process from its own registry.

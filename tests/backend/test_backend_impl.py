@@ -207,3 +207,36 @@ def test_sparse_masks_below_dense_above_run_pbs(harness_factory, monkeypatch):
     h.step(PREFILLS)
     density = STATS.snapshot()["mean_density"]
     assert calls[0] == 1 and density is not None and density < 0.6
+
+
+@pytest.mark.parametrize("hold", [1, 3])
+def test_dense_switch_holds_the_layer_on_stock_for_hold_steps(harness_factory, monkeypatch, hold):
+    """After a switch the layer's next steps without decodes skip estimation and attend on
+    the stock kernel until `dense_hold_steps` have run dense; then it estimates again. A
+    step with decodes estimates and runs PBS regardless. Every step stays exact."""
+    import pbs_vllm.backend.impl as impl
+
+    calls = _count_pbs_attention(monkeypatch)
+    estimated = [0]
+    real_mask = impl.prefill_mask
+
+    def counted_mask(*args, **kwargs):
+        estimated[0] += 1
+        return real_mask(*args, **kwargs)
+
+    monkeypatch.setattr(impl, "prefill_mask", counted_mask)
+    h = harness_factory(
+        {**FULL_MASK, "dense_above": 0.6, "dense_fallback_len": 0, "dense_hold_steps": hold}
+    )
+    per_step = []
+    for reqs in [PREFILLS, [Req(37, 1), *PREFILLS], PREFILLS, PREFILLS, PREFILLS]:
+        before = (estimated[0], calls[0])
+        step = h.step(reqs)
+        per_step.append((estimated[0] > before[0], calls[0] > before[1]))
+        torch.testing.assert_close(
+            step.output.double(), causal_reference(step, h.scale), atol=2e-4, rtol=1e-3
+        )
+    # (estimated, ran PBS) per step: step 0 switches; the decode step always runs PBS.
+    held = [(True, False), (True, True), (False, False), (False, False), (True, False)]
+    every = [(True, False), (True, True), (True, False), (True, False), (True, False)]
+    assert per_step == (every if hold == 1 else held)

@@ -1,4 +1,17 @@
-"""Probe (not a product benchmark): how fast can the phase-1 loop go with TMA vs pointer loads."""
+"""Ceiling of the PBS phase-1 loop in Triton on this card: pointer loads vs TMA (GPU only).
+
+A stripped-down phase 1 (no paging, no own region): 16K queries in 128-row tiles of
+(token, group head) pairs, 32 / 8 heads, d 128, bf16, each tile attending 100 random
+128-key blocks of 128K keys, with K/V read three ways:
+  MODE 0  pointer loads of contiguous blocks;
+  MODE 1  pointer loads through a row table (random order inside 256-key segments), as
+          the PBS kernel reads permuted blocks;
+  MODE 2  TMA descriptor loads of contiguous blocks (needs K/V copied into block order).
+It tells how much a permuted K/V copy plus TMA could gain over gathering in place
+(docs/kernel-notes.md). Outputs are poisoned before each run; MODE 0 and 2 must agree.
+
+    python benchmarks/loop_ceiling.py
+"""
 
 import torch
 import triton
@@ -8,9 +21,25 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @triton.jit
-def _probe(q_ptr, k_ptr, v_ptr, kd, vd, rows_ptr, idx_ptr, out_ptr, n_sel, N, qk_scale,
-           MODE: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-           BLOCK_N: tl.constexpr, HQ: tl.constexpr):
+def _probe(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    kd,
+    vd,
+    rows_ptr,
+    idx_ptr,
+    out_ptr,
+    n_sel,
+    N,
+    qk_scale,
+    MODE: tl.constexpr,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HQ: tl.constexpr,
+):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -44,8 +73,10 @@ def _probe(q_ptr, k_ptr, v_ptr, kd, vd, rows_ptr, idx_ptr, out_ptr, n_sel, N, qk
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(out_ptr + (tok[:, None].to(tl.int64) * HQ + head[:, None]) * D + offs_d[None, :],
-             acc.to(out_ptr.dtype.element_ty))
+    tl.store(
+        out_ptr + (tok[:, None].to(tl.int64) * HQ + head[:, None]) * D + offs_d[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+    )
 
 
 def main():
@@ -70,9 +101,28 @@ def main():
             out = torch.full_like(q, float("nan"))
 
             def run(out=out, mode=mode, w=w, s=s):
-                _probe[(tiles, HKV)](q, k, v, kd, vd, rows, idx, out, NSEL, N, D**-0.5 * 1.4427,
-                                     MODE=mode, GROUP=HQ // HKV, D=D, BLOCK_M=BM, BLOCK_N=BN,
-                                     HQ=HQ, num_warps=w, num_stages=s)
+                _probe[(tiles, HKV)](
+                    q,
+                    k,
+                    v,
+                    kd,
+                    vd,
+                    rows,
+                    idx,
+                    out,
+                    NSEL,
+                    N,
+                    D**-0.5 * 1.4427,
+                    MODE=mode,
+                    GROUP=HQ // HKV,
+                    D=D,
+                    BLOCK_M=BM,
+                    BLOCK_N=BN,
+                    HQ=HQ,
+                    num_warps=w,
+                    num_stages=s,
+                )
+
             try:
                 run()
                 ms = do_bench(run)
@@ -86,8 +136,11 @@ def main():
                 err = ((out.float() - ref.float()).abs().max()).item()
             else:
                 err = float("nan")
-            print(f"{name:20s} w{w} s{s}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s "
-                  f"finite={ok} maxdiff_vs_first={err:.2e}", flush=True)
+            print(
+                f"{name:20s} w{w} s{s}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s "
+                f"finite={ok} maxdiff_vs_first={err:.2e}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
