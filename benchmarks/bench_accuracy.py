@@ -6,7 +6,8 @@
 Runs the shipped retrieval model (`pbs_vllm/models/retrieval-llama`, trained by
 `training.train`) on held-out multi-needle key-value prompts, greedy one token, exact match
 on the token id. Settings: the stock backend (FLASH_ATTN on CUDA, CPU_ATTN on the CPU),
-PBS at tau 0.8 / 0.9 / 0.95, the unpermuted mean-pooling ablation at the same taus, and
+PBS at tau 0.8 / 0.9 / 0.95, PBS with pooled scores for every block (`exact_last_block`
+off, the paper's selection), the unpermuted mean-pooling ablation at the same taus, and
 both at fixed densities (tau 1 with a `max_density` cap, so both keep the same number of
 blocks). Density is the backend's mean kept fraction of candidate blocks
 (`pbs_vllm.backend.stats`), which is why the engine runs in-process. Prints a markdown
@@ -58,6 +59,7 @@ def default_settings() -> list[Setting]:
     out = [Setting("dense")]
     for tau in (0.8, 0.9, 0.95):
         out.append(Setting(f"pbs-{tau}", {"tau": tau}))
+        out.append(Setting(f"pooled-{tau}", {"tau": tau, "exact_last_block": False}))
         out.append(Setting(f"meanpool-{tau}", {"tau": tau, "permute": False}))
     for cap in (0.1, 0.25):
         out.append(Setting(f"pbs-cap{cap}", {"tau": 1.0, "max_density": cap}))

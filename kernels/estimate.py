@@ -35,6 +35,17 @@ def segment_permutation(scores: torch.Tensor, segment_size: int) -> torch.Tensor
     return order.view(hkv, n).int()
 
 
+def exact_block_mass(scores: torch.Tensor, perm: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Attention mass of the scoring queries per permuted key block, normalised.
+
+    scores [Hkv, n] key importance, perm [Hkv, n] -> [Hkv, n // block_size] summing to 1
+    per head (all zero if every key's mass underflowed: the selection then keeps all).
+    """
+    hkv, n = perm.shape
+    mass = scores.gather(1, perm.long()).view(hkv, n // block_size, block_size).sum(-1)
+    return mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+
+
 def build_block_mask(
     q: torch.Tensor, kv: PagedKV, batch: ChunkBatch, params: SparsityParams, scale: float
 ) -> PBSBlockMask:
@@ -42,6 +53,8 @@ def build_block_mask(
 
     Each sequence's permuted region is the whole segments before its last query's segment;
     query blocks of sequences without one get no permuted blocks (dense own segment only).
+    With params.exact_last_block the sequence's last query block (whose candidates are the
+    whole permuted region) selects by `exact_block_mass` instead of pooled scores.
     """
     check_prefill_inputs(q, kv, batch)
     bs, ss, hkv, dev = params.block_size, params.segment_size, kv.num_kv_heads, q.device
@@ -67,6 +80,7 @@ def build_block_mask(
         k1 = k0 + blocks_per_seq[b]
         if n:
             perm_b = perm[:, offsets[b] : offsets[b] + n]
+            scores = None
             if params.permute:
                 q_end, nq = batch.cu_seqlens_q[b + 1], min(bs, batch.q_lens[b])
                 q_pos = batch.seq_lens[b] - nq
@@ -79,6 +93,8 @@ def build_block_mask(
             sink = (perm_b[:, :ss] == 0).int().argmax(dim=-1) // bs
             p = block_probs(q_pool[:, k0:k1], k_pool, n_cand, scale)
             del k_pool  # bound peak memory: the selection temporaries come next
+            if params.exact_last_block and scores is not None:
+                p[:, -1] = exact_block_mass(scores, perm_b, bs)
             num, ids = select_blocks(p, n_cand, sink, params)
             kv_num_blocks[:, k0:k1] = num
             keep_width = min(width, ids.shape[-1])

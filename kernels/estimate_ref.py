@@ -107,25 +107,38 @@ def build_block_mask_ref(
         if n == 0:
             perms.append(torch.empty(hkv, 0, dtype=torch.int32))
             continue
+        scores = None
         if params.permute:
-            scores = key_importance_ref(q, kv, batch, b, n, bs, scale)
-            perm = segment_sort_ref(scores.cpu(), ss)
+            scores = key_importance_ref(q, kv, batch, b, n, bs, scale).cpu()
+            perm = segment_sort_ref(scores, ss)
         else:
             perm = torch.arange(n, dtype=torch.int32).repeat(hkv, 1)
         perms.append(perm)
         keys = gather_sequence_kv(kv, b, n)[0].double()
-        for k in (qb.seq == b).nonzero().flatten().tolist():
+        blocks = (qb.seq == b).nonzero().flatten().tolist()
+        for k in blocks:
             row, length, pos = int(qb.row[k]), int(qb.length[k]), int(qb.pos[k])
             n_cand = pos // ss * ss // bs
             if n_cand == 0:
                 continue
+            exact = params.exact_last_block and scores is not None and k == blocks[-1]
             for h in range(hkv):
-                k_blks = keys[perm[h, : n_cand * bs].long().to(keys.device), h].view(n_cand, bs, -1)
-                p = torch.zeros(n_cand, dtype=torch.float64)
-                for g in range(group):
-                    q_blk = q[row : row + length, h * group + g].double()
-                    logits = block_logit_ref(q_blk, pos % bs, k_blks, stride) * scale
-                    p += torch.softmax(logits, dim=0).cpu() / group
+                if exact:  # the scoring queries' own attention mass per permuted block
+                    mass = torch.stack(
+                        [
+                            scores[h, perm[h, c * bs : (c + 1) * bs].long()].sum()
+                            for c in range(n_cand)
+                        ]
+                    ).double()
+                    p = mass / max(float(mass.sum()), 1e-300)
+                else:
+                    k_blks = keys[perm[h, : n_cand * bs].long().to(keys.device), h]
+                    k_blks = k_blks.view(n_cand, bs, -1)
+                    p = torch.zeros(n_cand, dtype=torch.float64)
+                    for g in range(group):
+                        q_blk = q[row : row + length, h * group + g].double()
+                        logits = block_logit_ref(q_blk, pos % bs, k_blks, stride) * scale
+                        p += torch.softmax(logits, dim=0).cpu() / group
                 sink = int((perm[h, :ss] == 0).nonzero()) // bs if params.keep_sink else None
                 selected[h][k] = select_ref(p.tolist(), sink, params)
     return _to_mask(batch, params, qb.to(q.device), perms, selected, q.device)

@@ -25,6 +25,9 @@ class SparsityParams:
     scoring: "mean" pools blocks by their mean; "antidiagonal" is PBS+ (XAttention-style).
     antidiagonal_stride: stride of the antidiagonal sampling for scoring="antidiagonal".
     keep_sink: always keep the permuted key block holding original token 0.
+    exact_last_block: the query block holding a chunk's last query selects by its queries'
+        exact attention mass per permuted key block (the key importance the permutation is
+        built from) instead of pooled scores; needs permute.
     """
 
     block_size: int = 128
@@ -35,6 +38,7 @@ class SparsityParams:
     scoring: Scoring = "mean"
     antidiagonal_stride: int = 8
     keep_sink: bool = True
+    exact_last_block: bool = True
 
     def __post_init__(self) -> None:
         b, s = self.block_size, self.segment_size

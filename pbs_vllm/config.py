@@ -67,6 +67,12 @@ class PBSConfig(BaseModel):
     antidiagonal_stride: int = Field(8, ge=1, description="Antidiagonal sampling stride (PBS+).")
     permute: bool = Field(True, description="False = unpermuted block-sparse ablation.")
     keep_sink: bool = Field(True, description="Always keep the block holding token 0.")
+    exact_last_block: bool = Field(
+        True,
+        description="A chunk's last query block selects by its queries' exact attention mass "
+        "per permuted block (the importance scores) instead of pooled scores; false = the "
+        "paper's pooled scores for every block.",
+    )
     stats_log_interval_s: float = Field(
         10.0, ge=0.0, description="Seconds between density log lines (0 = off)."
     )
@@ -105,6 +111,7 @@ class PBSConfig(BaseModel):
             scoring=self.scoring,
             antidiagonal_stride=self.antidiagonal_stride,
             keep_sink=self.keep_sink,
+            exact_last_block=self.exact_last_block,
         )
 
     @classmethod
@@ -141,6 +148,7 @@ _ALLOWED = {
     "antidiagonal_stride": "an integer >= 1 dividing block_size",
     "permute": "true or false",
     "keep_sink": "true or false",
+    "exact_last_block": "true or false",
     "stats_log_interval_s": "a number >= 0",
 }
 

@@ -120,6 +120,7 @@ B16_S32 = dict(block_size=16, segment_size=32)
     "params,group,head_dim",
     [
         (SparsityParams(**B16_S32, tau=0.8), 1, 128),
+        (SparsityParams(**B16_S32, tau=0.8, exact_last_block=False), 2, 64),
         (SparsityParams(**B16_S32, tau=0.8), 4, 64),
         (SparsityParams(**B16_S32, tau=0.8), 7, 64),
         (SparsityParams(block_size=16, segment_size=64, tau=0.9, max_density=0.3), 4, 128),
@@ -134,6 +135,7 @@ B16_S32 = dict(block_size=16, segment_size=32)
     ],
     ids=[
         "mean-g1",
+        "pooled_last_block",
         "mean-g4",
         "mean-g7",
         "density_cap",
@@ -156,6 +158,22 @@ def test_fp16_inputs_match_reference(gen, paged_kv):
         build_block_mask(q, kv, BATCH, params, 0.125),
         build_block_mask_ref(q, kv, BATCH, params, 0.125),
     )
+
+
+def test_last_query_block_keeps_tau_of_its_queries_exact_mass(gen, paged_kv):
+    """With exact_last_block the chunk's last query block keeps the fewest permuted blocks
+    holding >= tau of its scoring queries' attention mass over the candidates."""
+    batch, tau, bs = ChunkBatch(q_lens=[48], ctx_lens=[208]), 0.8, 16
+    q, kv = make_inputs(gen, paged_kv, batch, 2, 2, 64, 16)
+    params = SparsityParams(bs, 32, tau=tau, keep_sink=False)
+    mask = build_block_mask(q, kv, batch, params, 0.125)
+    n = permuted_region_lengths(batch, 32)[0]
+    scores = key_importance_ref(q, kv, batch, 0, n, bs, 0.125)
+    for h, per_block in enumerate(selections(mask)):
+        keys = mask.perm[h].long().view(-1, bs)
+        block_mass = scores[h][keys].sum(-1) / scores[h].sum()
+        kept = block_mass[per_block[-1]].sort().values
+        assert kept.sum() >= tau - 1e-6 and kept[1:].sum() < tau, (h, per_block[-1])
 
 
 def test_tau_one_selects_every_candidate(gen, paged_kv):
