@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     p.add_argument("--num-prompts", type=int, default=100 if on_gpu else 8)
     p.add_argument("--settings", default=None, help="comma-separated names (default: all)")
     p.add_argument("--block", type=int, default=128 if on_gpu else 16)
-    p.add_argument("--segment", type=int, default=256 if on_gpu else 64)
+    p.add_argument("--segment", type=int, default=512 if on_gpu else 64)
     p.add_argument("--seed", type=int, default=BENCH_SEED)
     p.add_argument(
         "--gpu-mem", type=float, default=0.5, help="vLLM gpu_memory_utilization (GPU only)"

@@ -34,7 +34,7 @@ from pbs_vllm.kernels import attention as attention_mod
 from pbs_vllm.kernels.importance import key_importance
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
-PARAMS = SparsityParams(tau=1.0, max_density=0.1)
+PARAMS = SparsityParams(block_size=128, segment_size=256, tau=1.0, max_density=0.1)
 CASES = [(112 * 1024, 16 * 1024), (48 * 1024, 16 * 1024)]
 ATTN_CONFIGS = [
     (128, triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3)),

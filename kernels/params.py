@@ -31,7 +31,7 @@ class SparsityParams:
     """
 
     block_size: int = 128
-    segment_size: int = 256
+    segment_size: int = 512
     tau: float = 0.9
     max_density: float | None = None
     permute: bool = True

@@ -1,6 +1,6 @@
 """`PBSConfig`: the validated configuration of the PBS backend.
 
-Sources, later ones winning: the defaults (the paper's), vLLM's
+Sources, later ones winning: the defaults (mostly the paper's), vLLM's
 `--additional-config '{"pbs": {...}}'`, then environment variables `PBS_<FIELD>`
 (e.g. `PBS_TAU=0.95`, `PBS_MAX_DENSITY=none`). Any bad value fails with one
 `PBSConfigError` naming the field, the value and what is allowed.
@@ -29,13 +29,14 @@ class PBSConfigError(ValueError):
 
 
 class PBSConfig(BaseModel):
-    """Settings of permuted block-sparse prefill (defaults: the paper's)."""
+    """Settings of permuted block-sparse prefill (defaults: the paper's, except
+    segment_size 512 and exact_last_block; docs/method.md lists the deviations)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     block_size: int = Field(128, description="Tokens per query/key block (power of two, 16-256).")
     segment_size: int = Field(
-        256, description="Permutation segment length (multiple of block_size)."
+        512, description="Permutation segment length (multiple of block_size)."
     )
     tau: float = Field(0.9, gt=0.0, le=1.0, description="Cumulative block-probability threshold.")
     max_density: float | None = Field(

@@ -12,10 +12,12 @@ def load(section=None, **env):
     return PBSConfig.load({"pbs": section} if section is not None else None, env=env)
 
 
-def test_defaults_are_the_papers():
+def test_defaults():
+    """The paper's, except a 512-token segment and the exact last-block selection
+    (docs/method.md, deviations)."""
     cfg = load()
-    assert (cfg.block_size, cfg.segment_size, cfg.tau, cfg.max_density) == (128, 256, 0.9, None)
-    assert cfg.scoring == "mean" and cfg.permute and cfg.keep_sink
+    assert (cfg.block_size, cfg.segment_size, cfg.tau, cfg.max_density) == (128, 512, 0.9, None)
+    assert cfg.scoring == "mean" and cfg.permute and cfg.keep_sink and cfg.exact_last_block
 
 
 def test_additional_config_and_env_override():
