@@ -4,7 +4,7 @@
 . benchmarks/gpu/common.sh
 make-dummy-llama /tmp/llama8b --layers 32 --hidden 4096 --heads 32 --kv-heads 8 \
   --intermediate 14336 --vocab 128256 --max-len 270000 >/dev/null
-ACC_RUNS="pooled-0.9@1024 meanpool-0.9@256 pbs-0.95@256 pbs-0.8@256" PACK=2 \
+ACC_RUNS="pooled-0.9@512 meanpool-0.9@512 pbs-0.95@512 pbs-0.8@512" PACK=2 \
   bash benchmarks/gpu/s17_accuracy.sh
 timeout $(( 590 - SECONDS )) python3 benchmarks/bench_ttft.py --model /tmp/llama8b \
   --lengths 64k,128k --configs flash,pbs-default --reps 3 --eager --out "$RES/ttft-hold" 2>&1 |
