@@ -59,8 +59,8 @@ class PBSConfig(BaseModel):
         8,
         ge=1,
         description="After a dense_above switch, the layer's prefill steps without decodes "
-        "stay on the stock kernel, unestimated, until this many (the switching one included) "
-        "have run; 1 = estimate every step.",
+        "and without longer sequences stay on the stock kernel, unestimated, until this many "
+        "(the switching one included) have run; 1 = estimate every step.",
     )
     scoring: Literal["mean", "antidiagonal"] = Field(
         "mean", description="Block scoring: mean pooling (PBS) or antidiagonal (PBS+)."

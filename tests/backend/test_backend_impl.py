@@ -211,9 +211,10 @@ def test_sparse_masks_below_dense_above_run_pbs(harness_factory, monkeypatch):
 
 @pytest.mark.parametrize("hold", [1, 3])
 def test_dense_switch_holds_the_layer_on_stock_for_hold_steps(harness_factory, monkeypatch, hold):
-    """After a switch the layer's next steps without decodes skip estimation and attend on
-    the stock kernel until `dense_hold_steps` have run dense; then it estimates again. A
-    step with decodes estimates and runs PBS regardless. Every step stays exact."""
+    """After a switch the layer's next steps without decodes and without longer sequences
+    skip estimation and attend on the stock kernel until `dense_hold_steps` have run dense;
+    then it estimates again. A step with decodes, or with a longer sequence, estimates
+    regardless. Every step stays exact."""
     import pbs_vllm.backend.impl as impl
 
     calls = _count_pbs_attention(monkeypatch)
@@ -228,15 +229,20 @@ def test_dense_switch_holds_the_layer_on_stock_for_hold_steps(harness_factory, m
     h = harness_factory(
         {**FULL_MASK, "dense_above": 0.6, "dense_fallback_len": 0, "dense_hold_steps": hold}
     )
+    shorter, longer = [Req(96, 60), Req(0, 70)], [Req(120, 60), Req(0, 70)]  # 156 / 180 keys
+    steps = [PREFILLS, [Req(37, 1), *PREFILLS], shorter, longer, PREFILLS, PREFILLS, PREFILLS]
     per_step = []
-    for reqs in [PREFILLS, [Req(37, 1), *PREFILLS], PREFILLS, PREFILLS, PREFILLS]:
+    for reqs in steps:
         before = (estimated[0], calls[0])
         step = h.step(reqs)
         per_step.append((estimated[0] > before[0], calls[0] > before[1]))
         torch.testing.assert_close(
             step.output.double(), causal_reference(step, h.scale), atol=2e-4, rtol=1e-3
         )
-    # (estimated, ran PBS) per step: step 0 switches; the decode step always runs PBS.
-    held = [(True, False), (True, True), (False, False), (False, False), (True, False)]
-    every = [(True, False), (True, True), (True, False), (True, False), (True, False)]
-    assert per_step == (every if hold == 1 else held)
+    # (estimated, ran PBS) per step: step 0 switches; the decode step always runs PBS; the
+    # longer step (180 keys > 176) estimates and switches again, restarting the hold.
+    switched, with_decodes, held = (True, False), (True, True), (False, False)
+    if hold == 1:
+        assert per_step == [switched, with_decodes, *[switched] * 5]
+    else:
+        assert per_step == [switched, with_decodes, held, switched, held, held, switched]
