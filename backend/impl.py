@@ -4,8 +4,9 @@ Per layer, prefill runs are estimated first (`prefill_mask`). When every sparse 
 keeps at least `dense_above` of its blocks and the step has no decodes, the stock impl
 attends the whole step densely (faster than PBS at that density), and so it does, without
 estimating, for the layer's next steps without decodes whose sequences are no longer than
-the switching step's (masks get sparser with context, not denser) until `dense_hold_steps`
-steps have run dense. Otherwise the decodes go to the stock impl and the prefill runs to
+the longest that switched (masks get sparser with context, not denser), until
+`dense_hold_steps` steps have run dense; a step that could have switched and came out
+sparse ends the hold. Otherwise the decodes go to the stock impl and the prefill runs to
 `pbs_attention`.
 
 A layer whose configuration the PBS kernels cannot run (see `unsupported_reason`) gets the
@@ -122,7 +123,7 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         self.dense_above = config.dense_above
         self.dense_hold_steps = config.dense_hold_steps
         self._held_steps = 0  # steps left that attend on the stock kernel unestimated
-        self._held_up_to = 0  # ... if no sequence is longer than this (the switching step's)
+        self._held_up_to = 0  # ... if no sequence is longer than this (the switches' longest)
         self._on_cpu = stock_backend().get_name() == "CPU_ATTN"
 
     def get_impl_variants(self) -> tuple:
@@ -175,8 +176,11 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
             # Every prefill mask of this layer keeps >= dense_above of its blocks: the stock
             # kernel attends densely faster than PBS would sparsely. (No decodes here.)
             metrics.record_fallback("dense_mask")
-            self._held_steps, self._held_up_to = self.dense_hold_steps - 1, longest
+            self._held_steps = self.dense_hold_steps - 1
+            self._held_up_to = max(self._held_up_to, longest)
             return self.stock.forward(layer, query, key, value, kv_cache, m.stock_all, output)
+        if work and m.stock_all is not None and self.dense_above is not None:
+            self._held_steps = self._held_up_to = 0  # sparse where it could have switched
         if m.decode is not None:
             # The stock impl reads rows [0, m.decode.num_actual_tokens): the decodes.
             self.stock.forward(layer, query, key, value, kv_cache, m.decode, output)

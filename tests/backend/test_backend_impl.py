@@ -246,3 +246,29 @@ def test_dense_switch_holds_the_layer_on_stock_for_hold_steps(harness_factory, m
         assert per_step == [switched, with_decodes, *[switched] * 5]
     else:
         assert per_step == [switched, with_decodes, held, switched, held, held, switched]
+
+
+def test_sparse_step_ends_the_dense_hold(harness_factory, monkeypatch):
+    """A short step whose masks are mostly its dense own segment switches; a long step with
+    a 25% cap comes out sparse and ends the hold, so the next short step estimates again."""
+    import pbs_vllm.backend.impl as impl
+
+    estimated = [0]
+    real_mask = impl.prefill_mask
+
+    def counted_mask(*args, **kwargs):
+        estimated[0] += 1
+        return real_mask(*args, **kwargs)
+
+    monkeypatch.setattr(impl, "prefill_mask", counted_mask)
+    calls = _count_pbs_attention(monkeypatch)
+    h = harness_factory(
+        {**FULL_MASK, "max_density": 0.25, "dense_above": 0.6, "dense_fallback_len": 0}
+    )
+    short, long = [Req(0, 48)], [Req(160, 32)]
+    per_step = []
+    for reqs in (short, long, short):
+        before = (estimated[0], calls[0])
+        h.step(reqs)
+        per_step.append((estimated[0] > before[0], calls[0] > before[1]))
+    assert per_step == [(True, False), (True, True), (True, False)]
