@@ -165,7 +165,7 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("PBS attention does not fuse output quantization")
         m = attn_metadata
-        longest = max((max(run.batch.seq_lens) for run in m.prefill_runs), default=0)
+        longest = m.longest_prefill
         if m.stock_all is not None and self._held_steps > 0 and longest <= self._held_up_to:
             # A recent step of this layer, with sequences at least as long, was too dense.
             self._held_steps -= 1

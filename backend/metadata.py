@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -64,6 +65,11 @@ class PBSAttentionMetadata:
     block_table: torch.Tensor
     prefill_runs: list[PrefillRun]
     stock_all: Any = None
+
+    @cached_property
+    def longest_prefill(self) -> int:
+        """Longest sequence of the step's prefill runs (0 without any); once per step."""
+        return max((max(run.batch.seq_lens) for run in self.prefill_runs), default=0)
 
 
 def prefill_runs(
