@@ -157,19 +157,24 @@ def test_decode_only_step_plans_no_prefill_runs(harness_factory, monkeypatch):
     )
 
 
-def _count_pbs_attention(monkeypatch) -> list[int]:
-    """Counts calls of the PBS attention kernel made by the impl."""
+def _count_impl_calls(monkeypatch, name: str) -> list[int]:
+    """Counts the impl's calls of `name` (a function it imported, e.g. "pbs_attention")."""
     import pbs_vllm.backend.impl as impl
 
     calls = [0]
-    real = impl.pbs_attention
+    real = getattr(impl, name)
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(impl, "pbs_attention", counted)
+    monkeypatch.setattr(impl, name, counted)
     return calls
+
+
+def _count_pbs_attention(monkeypatch) -> list[int]:
+    """Counts calls of the PBS attention kernel made by the impl."""
+    return _count_impl_calls(monkeypatch, "pbs_attention")
 
 
 PREFILLS = [Req(96, 80), Req(0, 70)]  # no decodes: a step that may switch to stock
@@ -215,17 +220,8 @@ def test_dense_switch_holds_the_layer_on_stock_for_hold_steps(harness_factory, m
     skip estimation and attend on the stock kernel until `dense_hold_steps` have run dense;
     then it estimates again. A step with decodes, or with a longer sequence, estimates
     regardless. Every step stays exact."""
-    import pbs_vllm.backend.impl as impl
-
     calls = _count_pbs_attention(monkeypatch)
-    estimated = [0]
-    real_mask = impl.prefill_mask
-
-    def counted_mask(*args, **kwargs):
-        estimated[0] += 1
-        return real_mask(*args, **kwargs)
-
-    monkeypatch.setattr(impl, "prefill_mask", counted_mask)
+    estimated = _count_impl_calls(monkeypatch, "prefill_mask")
     h = harness_factory(
         {**FULL_MASK, "dense_above": 0.6, "dense_fallback_len": 0, "dense_hold_steps": hold}
     )
@@ -251,16 +247,7 @@ def test_dense_switch_holds_the_layer_on_stock_for_hold_steps(harness_factory, m
 def test_sparse_step_ends_the_dense_hold(harness_factory, monkeypatch):
     """A short step whose masks are mostly its dense own segment switches; a long step with
     a 25% cap comes out sparse and ends the hold, so the next short step estimates again."""
-    import pbs_vllm.backend.impl as impl
-
-    estimated = [0]
-    real_mask = impl.prefill_mask
-
-    def counted_mask(*args, **kwargs):
-        estimated[0] += 1
-        return real_mask(*args, **kwargs)
-
-    monkeypatch.setattr(impl, "prefill_mask", counted_mask)
+    estimated = _count_impl_calls(monkeypatch, "prefill_mask")
     calls = _count_pbs_attention(monkeypatch)
     h = harness_factory(
         {**FULL_MASK, "max_density": 0.25, "dense_above": 0.6, "dense_fallback_len": 0}
