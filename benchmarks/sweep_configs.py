@@ -3,8 +3,9 @@
 The last 16K chunk over a 112K prefix (and a 16K chunk over 48K), Llama-3.1-8B attention
 shape (32 / 8 heads, d 128, bf16, page 16, block 128, segment 256), mask estimated at a 10%
 density cap. It times, side by side in one process:
-  - the attention kernel for every query-tile height (BLOCK_M 64 / 128) x key tile x warps
-    x stages, each output checked against the autotuned default's and poisoned beforehand;
+  - the attention kernel for the query-tile heights (BLOCK_M 128 / 256) x key tile x
+    warps x stages, each output checked against the autotuned default's and poisoned
+    beforehand, and the default with no selected blocks (the own causal region alone);
   - key importance (the estimation's largest part) for several tile shapes, checked against
     the current default's scores;
   - dense causal SDPA (cuDNN or flash) on the same chunk as the card's anchor.
@@ -29,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from triton.testing import do_bench
 
-from pbs_vllm.kernels import ChunkBatch, PagedKV, SparsityParams, build_block_mask
+from pbs_vllm.kernels import ChunkBatch, SparsityParams, build_block_mask
 from pbs_vllm.kernels import attention as attention_mod
 from pbs_vllm.kernels.importance import key_importance
 
@@ -81,38 +82,15 @@ def attention_rows(q, kv, batch, mask, scale, label) -> list[dict]:
     return rows
 
 
-def variant_rows(q, kv, mask, scale, label) -> list[dict]:
-    """The default kernel on two variants of the case: phase 2 alone (no selected blocks:
-    the own causal region's share of the time) and a cache whose pages are padded (page
-    stride != 16 x slot stride: the page/slot address path instead of the row path)."""
+def own_region_row(q, kv, mask, scale, label) -> dict:
+    """The default kernel with no selected blocks: the own causal region's share."""
     own_only = dataclasses.replace(mask, kv_num_blocks=torch.zeros_like(mask.kv_num_blocks))
     flops = 4 * D * (HQ // HKV) * attended_pairs(own_only)
     ms = do_bench(lambda: attention_mod.pbs_attention(q, kv, own_only, scale))
-    rows = [{"case": label, "config": "default, own region only", "ms": ms}]
-    rows[-1]["tflops"] = flops / ms / 1e9
-    padded = [
-        torch.empty(c.shape[0], PAGE + 1, HKV, D, dtype=c.dtype, device=c.device)
-        for c in (kv.key_cache, kv.value_cache)
-    ]
-    for dst, src in zip(padded, (kv.key_cache, kv.value_cache)):
-        dst[:, :PAGE] = src
-    kv_pad = PagedKV(padded[0][:, :PAGE], padded[1][:, :PAGE], kv.block_table)
-    ref = attention_mod.pbs_attention(q, kv, mask, scale)
-    out = attention_mod.pbs_attention(q, kv_pad, mask, scale)
-    ms = do_bench(lambda: attention_mod.pbs_attention(q, kv_pad, mask, scale))
-    flops = 4 * D * (HQ // HKV) * attended_pairs(mask)
-    rows.append(
-        {
-            "case": label,
-            "config": "default, padded pages",
-            "ms": ms,
-            "tflops": flops / ms / 1e9,
-            "rel_err": rel_err(out, ref),
-        }
-    )
-    for r in rows:
-        print(json.dumps(r), flush=True)
-    return rows
+    row = {"case": label, "config": "default, own region only", "ms": ms}
+    row["tflops"] = flops / ms / 1e9
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def importance_rows(q, kv, ctx, label, scale) -> list[dict]:
@@ -181,7 +159,7 @@ def main() -> None:
         mask = build_block_mask(q, kv, batch, PARAMS, scale)
         rows.append(cudnn_row(q, kv, ctx, label, scale))
         rows += attention_rows(q, kv, batch, mask, scale, label)
-        rows += variant_rows(q, kv, mask, scale, label)
+        rows.append(own_region_row(q, kv, mask, scale, label))
         rows += importance_rows(q, kv, ctx, label, scale)
     lines = [
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}",

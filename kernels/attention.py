@@ -61,21 +61,6 @@ def _kv_offsets(
 
 
 @triton.jit
-def _row_offsets(
-    row, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, SHARED_KV_STRIDES: tl.constexpr
-):
-    """`_kv_offsets` for caches whose pages follow each other row by row (page stride =
-    PAGE_SIZE x slot stride, vLLM's layout): a cache row indexes the slot stride directly."""
-    row = row.to(tl.int64)
-    k_offs = (row * stride_ks)[:, None] + offs_d[None, :] * stride_kd
-    if SHARED_KV_STRIDES:
-        v_offs = k_offs
-    else:
-        v_offs = (row * stride_vs)[:, None] + offs_d[None, :] * stride_vd
-    return k_offs, v_offs
-
-
-@triton.jit
 def _attend(
     acc,
     m_i,
@@ -192,7 +177,6 @@ def _pbs_fwd_kernel(
     BLOCK_B: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     SHARED_KV_STRIDES: tl.constexpr,
-    ROWS_CONTIGUOUS: tl.constexpr,
     STORE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -240,15 +224,10 @@ def _pbs_fwd_kernel(
     for it in range(0, n_sel * SUB):
         blk = tl.load(idx_row + it // SUB)
         row = tl.load(rows_row + blk * BLOCK_B + (it % SUB) * BLOCK_N + offs_n)
-        if ROWS_CONTIGUOUS:
-            k_offs, v_offs = _row_offsets(
-                row, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, SHARED_KV_STRIDES
-            )
-        else:
-            k_offs, v_offs = _kv_offsets(
-                row // PAGE_SIZE, row % PAGE_SIZE, offs_d, stride_kp, stride_ks, stride_kd,
-                stride_vp, stride_vs, stride_vd, SHARED_KV_STRIDES,
-            )  # fmt: skip
+        k_offs, v_offs = _kv_offsets(
+            row // PAGE_SIZE, row % PAGE_SIZE, offs_d, stride_kp, stride_ks, stride_kd,
+            stride_vp, stride_vs, stride_vd, SHARED_KV_STRIDES,
+        )  # fmt: skip
         acc, m_i, l_i = _attend(
             acc,
             m_i,
@@ -327,7 +306,6 @@ _pbs_fwd_tuned = triton.autotune(
         "BLOCK_B",
         "PAGE_SIZE",
         "SHARED_KV_STRIDES",
-        "ROWS_CONTIGUOUS",
         "BLOCK_M",
     ],
     prune_configs_by={"early_config_prune": _prune_configs},
@@ -516,7 +494,6 @@ def _pbs_attention(
         BLOCK_B=mask.block_size,
         PAGE_SIZE=kv.page_size,
         SHARED_KV_STRIDES=kc.stride() == vc.stride(),
-        ROWS_CONTIGUOUS=all(c.stride(0) == kv.page_size * c.stride(1) for c in (kc, vc)),
         STORE_LSE=return_lse,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m,
