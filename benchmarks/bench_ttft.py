@@ -44,6 +44,14 @@ def parse_length(text: str) -> int:
     return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
 
 
+def yarn_rope_scaling(model: str, factor: float) -> dict:
+    """YaRN rope scaling by `factor` over the model's native context (the Qwen2.5 way past
+    32K): the dict vLLM's `hf_overrides` takes as `rope_scaling`."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    native = config.get("max_position_embeddings", 32768)
+    return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": native}
+
+
 def run_worker(args: argparse.Namespace) -> None:
     """Child process: one engine, every length, one JSON line per measurement on stdout."""
     from vllm import LLM, SamplingParams
@@ -51,7 +59,7 @@ def run_worker(args: argparse.Namespace) -> None:
     backend, pbs = CONFIGS[args.config]
     kwargs = dict(
         model=args.model,
-        load_format="dummy",
+        load_format="auto" if args.real_weights else "dummy",
         attention_backend=backend,
         max_model_len=max(args.lengths + args.warmup_lengths + [args.profile]) + 64,
         gpu_memory_utilization=args.gpu_mem,
@@ -59,6 +67,10 @@ def run_worker(args: argparse.Namespace) -> None:
         enable_prefix_caching=False,  # every repetition must really prefill
         seed=0,
     )
+    if args.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.yarn:
+        kwargs["hf_overrides"] = {"rope_scaling": yarn_rope_scaling(args.model, args.yarn)}
     if pbs is not None:
         kwargs["additional_config"] = {"pbs": {**pbs, "stats_log_interval_s": 0}}
     llm = LLM(**kwargs)
@@ -148,10 +160,17 @@ def write_profile(run, path: Path) -> None:
         e for e in events if e.device_type == DeviceType.CUDA and not e.key.startswith("pbs_")
     ]
     kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6
+    # Host time of the PBS stages: the ranges' CPU time (launches, Python, any sync).
+    ranges = {e.key: e for e in events if e.key in ("pbs_estimate", "pbs_attention")}
+    host = ", ".join(
+        f"{k} host {e.cpu_time_total / 1e3:.1f} ms over {e.count} calls "
+        f"({e.cpu_time_total / 1e3 / max(e.count, 1):.3f} ms/call)"
+        for k, e in sorted(ranges.items())
+    )
     table = events.table(sort_by="device_time_total", row_limit=45, max_name_column_width=60)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"wall {wall:.3f} s, summed kernel time {kernel_s:.3f} s\n\n{table}\n")
-    print(f"profile: wall {wall:.3f} s, kernels {kernel_s:.3f} s -> {path}", flush=True)
+    path.write_text(f"wall {wall:.3f} s, summed kernel time {kernel_s:.3f} s\n{host}\n\n{table}\n")
+    print(f"profile: wall {wall:.3f} s, kernels {kernel_s:.3f} s; {host} -> {path}", flush=True)
 
 
 def _stats():
@@ -188,6 +207,12 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         ]
         if args.eager:
             cmd.append("--eager")
+        if args.real_weights:
+            cmd.append("--real-weights")
+        if args.yarn:
+            cmd += ["--yarn", str(args.yarn)]
+        if args.max_num_batched_tokens:
+            cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         if args.profile:
             cmd += ["--profile", str(args.profile), "--out", str(args.out or ".")]
         cmd += ["--warmup-lengths", ",".join(map(str, args.warmup_lengths))]
@@ -254,6 +279,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gpu-mem", type=float, default=0.90)
     ap.add_argument("--eager", action="store_true", help="skip torch.compile / CUDA graphs")
+    ap.add_argument(
+        "--real-weights", action="store_true", help="load the model's weights (default: dummy)"
+    )
+    ap.add_argument("--yarn", type=float, default=0, help="YaRN rope scaling factor (0 = off)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=0, help="0 = vLLM's default")
     ap.add_argument("--decode-tokens", type=int, default=0, help="0 = skip decode timing")
     ap.add_argument("--decode-batch", type=int, default=32)
     ap.add_argument("--decode-prompt-len", type=int, default=1024)

@@ -8,6 +8,8 @@ No host-device synchronisation: every size comes from the host-side ChunkBatch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks
@@ -16,7 +18,7 @@ from pbs_vllm.kernels.importance import key_importance
 from pbs_vllm.kernels.inputs import check_prefill_inputs, permuted_region_lengths
 from pbs_vllm.kernels.paged import ChunkBatch, PagedKV, upload
 from pbs_vllm.kernels.params import SparsityParams
-from pbs_vllm.kernels.selection import block_probs, density_cap, select_blocks
+from pbs_vllm.kernels.selection import density_cap, select_into
 
 
 def segment_permutation(scores: torch.Tensor, segment_size: int) -> torch.Tensor:
@@ -46,6 +48,45 @@ def exact_block_mass(scores: torch.Tensor, perm: torch.Tensor, block_size: int) 
     return mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
 
 
+@dataclass(frozen=True)
+class _EstimatePlan:
+    """What estimation derives from the batch and the block geometry alone, built once per
+    step (cached on the ChunkBatch) and shared by every layer: per sequence the permuted
+    region length, its first slot in perm (host list and device tensor), its query block
+    count; the kept-ids width; each query block's own-segment start on the device."""
+
+    n_perm: list[int]
+    offsets: list[int]
+    blocks: list[int]
+    width: int
+    own_start: torch.Tensor
+    perm_offset: torch.Tensor
+
+    @classmethod
+    def of(cls, batch: ChunkBatch, params: SparsityParams, device) -> _EstimatePlan:
+        bs, ss = params.block_size, params.segment_size
+        key = ("estimate", bs, ss, params.max_density, str(device))
+        if key not in batch.derived:
+            qb = QueryBlocks.on(batch, bs, device)
+            n_perm = permuted_region_lengths(batch, ss)
+            offsets = [0]
+            for n in n_perm:
+                offsets.append(offsets[-1] + n)
+            blocks = torch.bincount(QueryBlocks.of(batch, bs).seq, minlength=len(batch))
+            width = max(n // bs for n in n_perm) if any(n_perm) else 1
+            if params.max_density is not None:
+                width = int(density_cap(torch.tensor(width), params.max_density))
+            batch.derived[key] = cls(
+                n_perm=n_perm,
+                offsets=offsets,
+                blocks=blocks.tolist(),
+                width=width,
+                own_start=qb.pos // ss * ss,
+                perm_offset=upload(torch.tensor(offsets[:-1], dtype=torch.int32), device),
+            )
+        return batch.derived[key]
+
+
 def build_block_mask(
     q: torch.Tensor, kv: PagedKV, batch: ChunkBatch, params: SparsityParams, scale: float
 ) -> PBSBlockMask:
@@ -59,16 +100,9 @@ def build_block_mask(
     check_prefill_inputs(q, kv, batch)
     bs, ss, hkv, dev = params.block_size, params.segment_size, kv.num_kv_heads, q.device
     stride = params.antidiagonal_stride if params.scoring == "antidiagonal" else 1
-    qb_host = QueryBlocks.of(batch, bs)
     qb = QueryBlocks.on(batch, bs, dev)
-    n_perm = permuted_region_lengths(batch, ss)
-    offsets = [0]
-    for n in n_perm:
-        offsets.append(offsets[-1] + n)
-    blocks_per_seq = torch.bincount(qb_host.seq, minlength=len(batch)).tolist()
-    width = max(n // bs for n in n_perm) if any(n_perm) else 1
-    if params.max_density is not None:
-        width = int(density_cap(torch.tensor(width), params.max_density))
+    plan = _EstimatePlan.of(batch, params, dev)
+    n_perm, offsets, blocks_per_seq, width = plan.n_perm, plan.offsets, plan.blocks, plan.width
 
     i32 = dict(dtype=torch.int32, device=dev)
     perm = torch.empty(hkv, offsets[-1], **i32)
@@ -89,25 +123,30 @@ def build_block_mask(
             else:
                 perm_b.copy_(torch.arange(n, **i32))
             k_pool = pool_key_blocks(kv, b, perm_b, bs, stride)
-            n_cand = qb.pos[k0:k1] // ss * (ss // bs)
-            sink = (perm_b[:, :ss] == 0).int().argmax(dim=-1) // bs
-            p = block_probs(q_pool[:, k0:k1], k_pool, n_cand, scale)
+            logits = torch.bmm(q_pool[:, k0:k1].reshape(hkv, -1, q_pool.shape[-1]), k_pool.mT)
             del k_pool  # bound peak memory: the selection temporaries come next
+            exact = None
             if params.exact_last_block and scores is not None:
-                p[:, -1] = exact_block_mass(scores, perm_b, bs)
-            num, ids = select_blocks(p, n_cand, sink, params)
-            kv_num_blocks[:, k0:k1] = num
-            keep_width = min(width, ids.shape[-1])
-            kv_indices[:, k0:k1, :keep_width] = ids[..., :keep_width]
+                exact = exact_block_mass(scores, perm_b, bs)
+            select_into(
+                logits,
+                qb.pos[k0:k1],
+                perm_b,
+                exact,
+                kv_num_blocks[:, k0:k1],
+                kv_indices[:, k0:k1],
+                params,
+                scale,
+            )
         k0 = k1
     return PBSBlockMask(
         batch=batch,
         block_size=bs,
         segment_size=ss,
         qblocks=qb,
-        own_start=qb.pos // ss * ss,
+        own_start=plan.own_start,
         kv_num_blocks=kv_num_blocks,
         kv_indices=kv_indices,
         perm=perm,
-        perm_offset=upload(torch.tensor(offsets[:-1], dtype=torch.int32), dev),
+        perm_offset=plan.perm_offset,
     )

@@ -1,13 +1,19 @@
 """Block probabilities and top-p block selection, batched over KV heads and query blocks.
 
-Everything runs as torch ops on the device over padded [Hkv, Tq, C] tensors, where C is the
-number of permuted key blocks of the sequence and query block k's candidates are the first
-n_cand[k] of them (the blocks of the segments before its own segment).
+`select_into` is the serving path: one Triton launch per sequence that turns its pooled
+logits into the mask's kept-block counts and ids (softmax over the candidates, mean over
+the GQA group, the exact last-block row, stable descending sort, tau prefix, density cap,
+sink, ascending ids). `block_probs` + `select_blocks` are its plain PyTorch reference over
+padded [Hkv, Tq, C] tensors, where C is the number of permuted key blocks of the sequence
+and query block k's candidates are the first n_cand[k] of them (the blocks of the segments
+before its own segment).
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from pbs_vllm.kernels.params import SparsityParams
 
@@ -78,3 +84,136 @@ def select_blocks(
     del order, keep_sorted
     ids = torch.where(keep, rank.int(), c).sort(dim=-1).values
     return keep.sum(dim=-1, dtype=torch.int32), ids
+
+
+@triton.jit
+def _select_kernel(
+    logits_ptr,  # [Hkv, GROUP * Tq, C] fp32: unscaled pooled q.k, rows (group head, block)
+    pos_ptr,  # [Tq] int32: absolute position of each query block's first present token
+    perm_ptr,  # [Hkv, >= SEG] int32: the sequence's permutation (for the sink)
+    exact_ptr,  # [Hkv, C] fp32: exact block mass of the last query block (if EXACT)
+    num_ptr,  # [Hkv, Tq] int32 out (rows of this sequence)
+    idx_ptr,  # [Hkv, Tq, width] int32 out
+    tq,
+    c,
+    width,
+    stride_perm,
+    stride_num,
+    stride_ih,
+    stride_it,
+    scale,
+    tau,
+    max_density,
+    GROUP: tl.constexpr,
+    SEG: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_SEG: tl.constexpr,
+    TAU_ONE: tl.constexpr,
+    CAP: tl.constexpr,
+    KEEP_SINK: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    n = tl.load(pos_ptr + t) // SEG * (SEG // BS)
+    cand = cols < n
+    # block probabilities: softmax over the candidates per group head, mean over the group
+    rows = logits_ptr + h * GROUP * tq * c
+    p = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for g in tl.static_range(GROUP):
+        x = tl.load(rows + (g * tq + t) * c + cols, mask=cand, other=float("-inf")) * scale
+        m = tl.max(x, 0)
+        e = tl.where(cand, tl.exp(x - tl.where(m > float("-inf"), m, 0.0)), 0.0)
+        s = tl.sum(e, 0)
+        p += e / tl.where(s > 0, s, 1.0)
+    p = p / GROUP
+    if EXACT:
+        exact = tl.load(exact_ptr + h * c + cols, mask=cols < c, other=0.0)
+        p = tl.where(t == tq - 1, exact, p)
+    # stable descending sort by p (ties: lower block first): p >= 0, so its fp32 bits order
+    # like the values; the low 32 bits carry the reversed column
+    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) + (BLOCK_C - 1 - cols)
+    key = tl.where(cols < c, key, -1)
+    key = tl.sort(key, descending=True)
+    valid = cols < c
+    order = BLOCK_C - 1 - (key & 0xFFFFFFFF).to(tl.int32)
+    vals = tl.where(valid, (key >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
+    if TAU_ONE:
+        n_keep = n
+    else:
+        below = (tl.cumsum(vals, 0) < tau) & valid
+        n_keep = tl.minimum(tl.sum(below.to(tl.int32), 0) + 1, n)
+    cap = n
+    if CAP:
+        cap = tl.maximum(tl.ceil(n.to(tl.float64) * max_density - 1e-9).to(tl.int32), 1)
+        n_keep = tl.minimum(n_keep, cap)
+    if KEEP_SINK:
+        seg = tl.arange(0, BLOCK_SEG)
+        perm0 = tl.load(perm_ptr + h * stride_perm + seg, mask=seg < SEG, other=-1)
+        sink = tl.sum(tl.where(perm0 == 0, seg, 0), 0) // BS
+        sink_rank = tl.sum(tl.where((order == sink) & valid, cols, 0), 0)
+        n_keep = tl.where(sink_rank < n_keep, n_keep, tl.minimum(n_keep, cap - 1))
+        keep = (cols < n_keep) | ((cols == sink_rank) & (n > 0))
+    else:
+        keep = cols < n_keep
+    keep = keep & valid
+    tl.store(num_ptr + h * stride_num + t, tl.sum(keep.to(tl.int32), 0))
+    ids = tl.sort(tl.where(keep, order, c))
+    tl.store(idx_ptr + h * stride_ih + t * stride_it + cols, ids, mask=(cols < width) & valid)
+
+
+def select_into(
+    logits: torch.Tensor,
+    pos: torch.Tensor,
+    perm: torch.Tensor,
+    exact: torch.Tensor | None,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    params: SparsityParams,
+    scale: float,
+) -> None:
+    """Fused `block_probs` + `select_blocks` of one sequence, written into the mask.
+
+    logits [Hkv, G * Tq, C] fp32 contiguous (unscaled pooled q.k of the sequence's query
+    blocks, group head major), pos [Tq] int32 (their first present positions: candidates
+    n_cand = pos // S * S / B), perm [Hkv, >= S] int32 (the sink is the permuted block of
+    original token 0), exact [Hkv, C] or None (the last query block's row of p).
+    kv_num_blocks [Hkv, Tq] and kv_indices [Hkv, Tq, W] (unit inner strides) receive the
+    counts and the first min(W, C) ascending ids (padding C) as `select_blocks` gives them.
+    """
+    hkv, rows, c = logits.shape
+    tq = pos.numel()
+    if rows % max(tq, 1) or not logits.is_contiguous():
+        raise ValueError(f"logits must be contiguous [Hkv, G * {tq}, C], got {tuple(logits.shape)}")
+    if tq == 0:
+        return
+    bs, ss = params.block_size, params.segment_size
+    _select_kernel[(tq, hkv)](
+        logits,
+        pos,
+        perm,
+        exact if exact is not None else logits,
+        kv_num_blocks,
+        kv_indices,
+        tq,
+        c,
+        kv_indices.shape[-1],
+        perm.stride(0),
+        kv_num_blocks.stride(0),
+        kv_indices.stride(0),
+        kv_indices.stride(1),
+        scale,
+        params.tau,
+        params.max_density or 1.0,
+        GROUP=rows // tq,
+        SEG=ss,
+        BS=bs,
+        BLOCK_C=max(16, triton.next_power_of_2(c)),
+        BLOCK_SEG=triton.next_power_of_2(ss),
+        TAU_ONE=params.tau >= 1.0,
+        CAP=params.max_density is not None,
+        KEEP_SINK=params.keep_sink,
+        EXACT=exact is not None,
+    )

@@ -1,0 +1,72 @@
+"""Where one layer's PBS prefill call spends host time: torch.profiler op table, no vLLM.
+
+The last chunk of a `--length` prompt prefilled in `--chunk` chunks (one sequence, shuffled
+pages, random bf16), at the Qwen2.5-0.5B shape by default (14 q / 2 KV heads, d 64). After
+warm-up, `--calls` calls of `pbs_prefill` run under the profiler (CPU activity only); the
+table ranks ops by self CPU time per call, so the launches and Python around the kernels
+are visible one by one.
+
+    python benchmarks/profile_host.py --length 30k --chunk 16k
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from bench_chunks import paged_cache  # sibling script: run this one as a file, like it
+from bench_ttft import parse_length
+from torch.profiler import ProfilerActivity, profile
+
+from pbs_vllm.kernels import ChunkBatch, SparsityParams, pbs_prefill
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--length", type=parse_length, default=30 * 1024)
+    ap.add_argument("--chunk", type=parse_length, default=16 * 1024)
+    ap.add_argument("--q-heads", type=int, default=14)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--rows", type=int, default=30)
+    args = ap.parse_args()
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ctx = (args.length - 1) // args.chunk * args.chunk
+    q_len = args.length - ctx
+    kv = paged_cache(args.length, args.kv_heads, args.head_dim, 16, torch.bfloat16, gen)
+    q = torch.randn(
+        q_len, args.q_heads, args.head_dim, dtype=torch.bfloat16, device="cuda", generator=gen
+    )
+    batch = ChunkBatch([q_len], [ctx])
+    params = SparsityParams(tau=0.9)
+    scale = args.head_dim**-0.5
+    for _ in range(3):
+        pbs_prefill(q, kv, batch, params, scale)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.calls):
+        pbs_prefill(q, kv, batch, params, scale)
+    host_ms = (time.perf_counter() - t0) / args.calls * 1e3
+    torch.cuda.synchronize()
+    gpu_ms = (time.perf_counter() - t0) / args.calls * 1e3
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.calls):
+            pbs_prefill(q, kv, batch, params, scale)
+        torch.cuda.synchronize()
+    print(
+        f"{torch.cuda.get_device_name()}: chunk {q_len} over ctx {ctx}, "
+        f"{args.q_heads}/{args.kv_heads} heads d{args.head_dim}: host {host_ms:.3f} ms/call, "
+        f"host+drain {gpu_ms:.3f} ms/call"
+    )
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    print(f"{'op':60s} {'calls/layer':>11s} {'self us/layer':>13s}")
+    for e in events[: args.rows]:
+        per = e.self_cpu_time_total / args.calls
+        print(f"{e.key[:60]:60s} {e.count / args.calls:11.1f} {per:13.1f}")
+
+
+if __name__ == "__main__":
+    main()

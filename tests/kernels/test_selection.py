@@ -1,0 +1,85 @@
+"""The fused Triton selection (`select_into`) against its PyTorch reference
+(`block_probs` + `select_blocks`) on fresh random logits, ties and empty rows included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pbs_vllm.kernels.params import SparsityParams
+from pbs_vllm.kernels.selection import block_probs, select_blocks, select_into
+
+BS, SS = 16, 64
+
+
+def _case(gen, group: int, hkv: int, n_seg: int, tq: int, ties: bool):
+    """Pooled q/k of one sequence whose permuted region has n_seg segments, query blocks
+    at random positions up to the region's end, and a shuffled segment-0 permutation."""
+    e = 8
+    c = n_seg * SS // BS
+    q_pool = torch.randn(hkv * group, tq, e, generator=gen)
+    k_pool = torch.randn(hkv, c, e, generator=gen)
+    if ties:  # equal keys give equal probabilities: the sort must break ties by block
+        k_pool[:, 1::2] = k_pool[:, ::2][:, : k_pool[:, 1::2].shape[1]]
+    pos = torch.randint(0, (n_seg + 1) * SS, (tq,), generator=gen).sort().values
+    pos[-1] = n_seg * SS + 3  # the last query block sees the whole region
+    perm = torch.stack([torch.randperm(SS, generator=gen) for _ in range(hkv)])
+    perm = torch.cat([perm, torch.arange(SS, n_seg * SS).expand(hkv, -1)], dim=1)
+    return q_pool, k_pool, pos.int(), perm.int().contiguous()
+
+
+_P = dict(block_size=BS, segment_size=SS)
+
+
+@pytest.mark.parametrize(
+    "group, ties, params",
+    [
+        (7, False, SparsityParams(**_P, tau=0.9)),
+        (1, True, SparsityParams(**_P, tau=0.9)),
+        (4, True, SparsityParams(**_P, tau=0.5, keep_sink=False)),
+        (7, True, SparsityParams(**_P, tau=1.0)),
+        (1, False, SparsityParams(**_P, tau=0.95, max_density=0.3)),
+        (7, True, SparsityParams(**_P, tau=1.0, max_density=0.1)),
+    ],
+    ids=[
+        "g7-tau0.9",
+        "g1-ties-tau0.9",
+        "g4-ties-tau0.5-nosink",
+        "g7-ties-tau1",
+        "g1-cap0.3",
+        "g7-ties-cap0.1",
+    ],
+)
+def test_fused_selection_matches_reference(gen, group, params, ties):
+    hkv, tq, n_seg = 2, 9, 5
+    q_pool, k_pool, pos, perm = _case(gen, group, hkv, n_seg, tq, ties)
+    c = k_pool.shape[1]
+    scale = 0.7
+    n_cand = pos // SS * (SS // BS)
+    exact = torch.rand(hkv, c, generator=gen)
+    exact /= exact.sum(-1, keepdim=True)
+    for use_exact in (False, True):
+        p = block_probs(q_pool, k_pool, n_cand, scale)
+        if use_exact:
+            p[:, -1] = exact
+        sink = (perm[:, :SS] == 0).int().argmax(dim=-1) // BS
+        want_num, want_ids = select_blocks(p, n_cand, sink, params)
+        width = c + 3  # wider than this sequence's candidates: the tail stays untouched
+        num = torch.full((hkv, tq), -7, dtype=torch.int32)
+        ids = torch.full((hkv, tq, width), -7, dtype=torch.int32)
+        logits = torch.bmm(q_pool.reshape(hkv, group * tq, -1), k_pool.mT).contiguous()
+        select_into(logits, pos, perm, exact if use_exact else None, num, ids, params, scale)
+        assert torch.equal(num, want_num), (use_exact, num, want_num)
+        assert torch.equal(ids[..., :c], want_ids), use_exact
+        assert (ids[..., c:] == -7).all()
+        assert (num[:, n_cand == 0] == 0).all()
+
+
+def test_fused_selection_rejects_bad_logits(gen):
+    params = SparsityParams(block_size=BS, segment_size=SS)
+    logits = torch.zeros(2, 10, 8)
+    num, ids = torch.zeros(2, 3, dtype=torch.int32), torch.zeros(2, 3, 8, dtype=torch.int32)
+    pos = torch.zeros(3, dtype=torch.int32)
+    perm = torch.zeros(2, SS, dtype=torch.int32)
+    with pytest.raises(ValueError, match="contiguous"):
+        select_into(logits, pos, perm, None, num, ids, params, 1.0)
