@@ -9,7 +9,8 @@ readable), in sequence; the parent prints one table and writes CSV / JSON / mark
 
 TTFT is the wall time of `LLM.generate` for one prompt with `max_tokens=1` (prefill of all
 chunks + one sampled token), warmed up, median of `--reps`. Prompts are random token ids
-(the dummy-weight model has no use for text). Decode throughput: a batch of short
+(the dummy-weight model has no use for text), or with `--prompts code` windows of real
+source code (for real weights). Decode throughput: a batch of short
 prompts generating `--decode-tokens` tokens each, output tokens per second.
 """
 
@@ -34,8 +35,11 @@ CONFIGS: dict[str, tuple[str, dict | None]] = {
     "pbs-d10": ("pbs", {"max_density": 0.10, "tau": 1.0, **_PURE}),
     "pbs-d25": ("pbs", {"max_density": 0.25, "tau": 1.0, **_PURE}),
     "pbs-tau": ("pbs", {"tau": 0.9, **_PURE}),
+    "pbs-tau0.8": ("pbs", {"tau": 0.8, **_PURE}),
     "pbs-full": ("pbs", {"tau": 1.0, **_PURE}),
     "pbs-default": ("pbs", {}),
+    # the default with sparse prefill from 16K on (a candidate default for real models)
+    "pbs-default-16k": ("pbs", {"dense_fallback_len": 16384}),
 }
 
 
@@ -50,6 +54,26 @@ def yarn_rope_scaling(model: str, factor: float) -> dict:
     config = json.loads((Path(model) / "config.json").read_text())
     native = config.get("max_position_embeddings", 32768)
     return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": native}
+
+
+def code_token_ids(tokenizer, min_tokens: int = 600_000) -> list[int]:
+    """Token ids of the running interpreter's standard-library sources, in sorted file
+    order, until `min_tokens`: real text for a real model's attention (a coder model's
+    own domain), no download."""
+    import sysconfig
+
+    ids: list[int] = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        if "test" in path.parts or "site-packages" in path.parts:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        ids += tokenizer.encode(f"# {path.name}\n{text}\n", add_special_tokens=False)
+        if len(ids) >= min_tokens:
+            break
+    return ids
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -81,8 +105,14 @@ def run_worker(args: argparse.Namespace) -> None:
 
     gen = torch.Generator().manual_seed(1234)
 
+    text_ids = code_token_ids(llm.get_tokenizer()) if args.prompts == "code" else None
+
     def prompt(n: int) -> dict:
-        ids = torch.randint(10, vocab - 10, (n,), generator=gen).tolist()
+        if text_ids is None:
+            ids = torch.randint(10, vocab - 10, (n,), generator=gen).tolist()
+        else:  # a window of real source code at a random offset (every prompt differs)
+            start = int(torch.randint(0, len(text_ids) - n, (1,), generator=gen))
+            ids = text_ids[start : start + n]
         return {"prompt_token_ids": ids}
 
     def ttft(n: int) -> float:
@@ -211,6 +241,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             cmd.append("--real-weights")
         if args.yarn:
             cmd += ["--yarn", str(args.yarn)]
+        cmd += ["--prompts", args.prompts]
         if args.max_num_batched_tokens:
             cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         if args.profile:
@@ -281,6 +312,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eager", action="store_true", help="skip torch.compile / CUDA graphs")
     ap.add_argument(
         "--real-weights", action="store_true", help="load the model's weights (default: dummy)"
+    )
+    ap.add_argument(
+        "--prompts",
+        choices=("random", "code"),
+        default="random",
+        help="prompt token ids: random (dummy weights) or windows of real source code",
     )
     ap.add_argument("--yarn", type=float, default=0, help="YaRN rope scaling factor (0 = off)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=0, help="0 = vLLM's default")

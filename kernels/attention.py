@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch.profiler import record_function
 
-from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks
+from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks, row_table_key
 from pbs_vllm.kernels.paged import PagedKV, upload
 
 _LOG2E = 1.4426950408889634
@@ -347,12 +347,12 @@ def _row_table(mask: PBSBlockMask, kv: PagedKV) -> torch.Tensor:
     """[Hkv, P] int32: the cache row (page * page_size + slot in page) of every permuted slot.
 
     perm composed with the block table, so phase 1 reads one index per key instead of
-    perm -> block table. Cached on the mask for one block table: every layer of a step
-    shares its cache geometry and table. The entry keeps the table alive, so its address
+    perm -> block table. Cached on the mask for one block table (`build_block_mask` fills
+    the cache from its permutation kernel; other masks build it here). The entry keeps the table alive, so its address
     cannot be reused by another; an in-place update bumps its version and rebuilds.
     """
     bt, page_size = kv.block_table, kv.page_size
-    key = (bt.data_ptr(), tuple(bt.shape), bt.stride(), bt._version, page_size)
+    key = row_table_key(kv)
     cached = mask.plans.get("rows")
     if cached is None or cached[0] != key:
         perm = mask.perm.long()

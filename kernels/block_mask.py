@@ -70,6 +70,13 @@ class QueryBlocks:
         return QueryBlocks(*(t.to(device) for t in (self.seq, self.row, self.length, self.pos)))
 
 
+def row_table_key(kv) -> tuple:
+    """What a mask's cached row table (permuted slot -> cache row) depends on besides the
+    mask: the block table's identity and contents version, and the page size."""
+    bt = kv.block_table
+    return (bt.data_ptr(), tuple(bt.shape), bt.stride(), bt._version, kv.page_size)
+
+
 @dataclass
 class PBSBlockMask:
     """Per query block and KV head: a dense causal region plus selected permuted key blocks.

@@ -1,8 +1,11 @@
 """PBS block-mask estimation (spec section 2, steps 1-4, chunked as in section 3).
 
-Per sequence of the batch: Triton key importance over its permuted region, a stable
-per-segment sort into the permutation, Triton pooling of the permuted key blocks, then
-batched torch block probabilities and selection over all of its query blocks and KV heads.
+Per sequence of the batch: Triton key importance over its permuted region, one Triton
+launch that sorts every segment into the permutation and writes the attention kernel's
+row table and the exact block mass beside it, Triton pooling of the permuted key blocks,
+one matmul of pooled scores and one Triton selection over all of its query blocks and KV
+heads. `segment_permutation` and `exact_block_mass` are the PyTorch references of the
+permutation kernel.
 No host-device synchronisation: every size comes from the host-side ChunkBatch.
 """
 
@@ -12,12 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks
+from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks, row_table_key
 from pbs_vllm.kernels.block_pool import pool_key_blocks, pool_query_blocks
 from pbs_vllm.kernels.importance import key_importance
 from pbs_vllm.kernels.inputs import check_prefill_inputs, permuted_region_lengths
 from pbs_vllm.kernels.paged import ChunkBatch, PagedKV, upload
 from pbs_vllm.kernels.params import SparsityParams
+from pbs_vllm.kernels.permute import permute_region
 from pbs_vllm.kernels.selection import density_cap, select_into
 
 
@@ -106,40 +110,43 @@ def build_block_mask(
 
     i32 = dict(dtype=torch.int32, device=dev)
     perm = torch.empty(hkv, offsets[-1], **i32)
-    kv_num_blocks = torch.zeros(hkv, len(qb), **i32)
-    kv_indices = torch.zeros(hkv, len(qb), width, **i32)
+    rows = torch.empty(hkv, offsets[-1], **i32)
+    # Query blocks of a sequence without a permuted region select nothing: only then does
+    # kv_num_blocks need zeros (the selection kernel writes every other entry).
+    alloc = torch.zeros if not all(n_perm) else torch.empty
+    kv_num_blocks = alloc(hkv, len(qb), **i32)
+    kv_indices = torch.empty(hkv, len(qb), width, **i32)
     q_pool = pool_query_blocks(q, qb, bs, stride) if any(n_perm) else None
+    exact_last = params.exact_last_block and params.permute
     k0 = 0
     for b, n in enumerate(n_perm):
         k1 = k0 + blocks_per_seq[b]
         if n:
-            perm_b = perm[:, offsets[b] : offsets[b] + n]
-            scores = None
+            scores = mass = None
             if params.permute:
                 q_end, nq = batch.cu_seqlens_q[b + 1], min(bs, batch.q_lens[b])
                 q_pos = batch.seq_lens[b] - nq
                 scores = key_importance(q[q_end - nq : q_end], kv, b, q_pos, n, scale)
-                perm_b.copy_(segment_permutation(scores, ss))
-            else:
-                perm_b.copy_(torch.arange(n, **i32))
+            if exact_last:
+                mass = torch.empty(hkv, n // bs, dtype=torch.float32, device=dev)
+            bt_row = kv.block_table[b]
+            permute_region(scores, bt_row, kv.page_size, perm, rows, offsets[b], n, ss, bs, mass)
+            perm_b = perm[:, offsets[b] : offsets[b] + n]
             k_pool = pool_key_blocks(kv, b, perm_b, bs, stride)
             logits = torch.bmm(q_pool[:, k0:k1].reshape(hkv, -1, q_pool.shape[-1]), k_pool.mT)
             del k_pool  # bound peak memory: the selection temporaries come next
-            exact = None
-            if params.exact_last_block and scores is not None:
-                exact = exact_block_mass(scores, perm_b, bs)
             select_into(
                 logits,
                 qb.pos[k0:k1],
                 perm_b,
-                exact,
+                mass,
                 kv_num_blocks[:, k0:k1],
                 kv_indices[:, k0:k1],
                 params,
                 scale,
             )
         k0 = k1
-    return PBSBlockMask(
+    mask = PBSBlockMask(
         batch=batch,
         block_size=bs,
         segment_size=ss,
@@ -150,3 +157,6 @@ def build_block_mask(
         perm=perm,
         perm_offset=plan.perm_offset,
     )
+    # The permutation kernel wrote the attention kernel's row table for this block table.
+    mask.plans["rows"] = (row_table_key(kv), kv.block_table, rows)
+    return mask

@@ -3,9 +3,9 @@
 For one sequence, the rows are the last queries of its chunk times the G query heads of a
 KV head (row r = query r // G, head r % G). Two passes over key tiles, reading K straight
 from the paged cache, never materialising [rows, keys]:
-  1. row log-sum-exp over each row's visible keys [0, pos], split over key ranges
-     (partial LSEs combined with torch.logsumexp);
-  2. one program per (key tile, KV head): column sums of exp(s - lse) over all rows.
+  1. row log-sum-exp over each row's visible keys [0, pos], split over key ranges;
+  2. one program per (key tile, KV head): each row's LSE from its partial LSEs, then
+     column sums of exp(s - lse) over all rows.
 Memory: O(splits * Hkv * rows) for the LSEs plus the [Hkv, n_keys] fp32 output.
 """
 
@@ -105,7 +105,17 @@ def _row_lse_kernel(
     tl.store(lse_ptr + pid_s * stride_ls + head * stride_lh + rows, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["stride_lh", "stride_oh", "n_rows", "n_keys", "q_pos"])
+@triton.jit(
+    do_not_specialize=[
+        "stride_ls",
+        "stride_lh",
+        "stride_oh",
+        "n_rows",
+        "n_keys",
+        "q_pos",
+        "n_splits",
+    ]
+)
 def _key_mass_kernel(
     q_ptr,
     k_ptr,
@@ -119,11 +129,13 @@ def _key_mass_kernel(
     stride_ks,
     stride_kh,
     stride_kd,
+    stride_ls,
     stride_lh,
     stride_oh,
     n_rows,
     n_keys,
     q_pos,
+    n_splits,
     scale_log2,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -134,7 +146,8 @@ def _key_mass_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """out[head, key] = mean over rows of exp(s - lse) (0 where key > the row's position)."""
+    """out[head, key] = mean over rows of exp(s - lse) (0 where key > the row's position);
+    each row's lse is the log-sum-exp of its n_splits partial LSEs (natural log units)."""
     pid_n, head = tl.program_id(0), tl.program_id(1)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < n_keys
@@ -162,7 +175,19 @@ def _key_mass_kernel(
         q = _load_query_rows(
             q_ptr, rows, row_ok, head * GROUP, d, d_ok, stride_qt, stride_qh, stride_qd, GROUP
         )
-        lse = tl.load(lse_ptr + head * stride_lh + rows, mask=row_ok, other=0.0) * LOG2E
+        lse_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        lse_s = tl.zeros([BLOCK_M], tl.float32)
+        for sp in range(n_splits):
+            x = tl.load(
+                lse_ptr + sp * stride_ls + head * stride_lh + rows,
+                mask=row_ok,
+                other=float("-inf"),
+            )
+            m_new = tl.maximum(lse_m, x)
+            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+            lse_s = lse_s * tl.exp(lse_m - m_safe) + tl.exp(x - m_safe)
+            lse_m = m_new
+        lse = tl.where(row_ok, (lse_m + tl.log(tl.where(row_ok, lse_s, 1.0))) * LOG2E, 0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
         visible = row_ok[:, None] & (keys[None, :] <= pos[:, None])
         acc += tl.sum(tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0), axis=0)
@@ -231,20 +256,21 @@ def key_importance(
         SPLIT=split_len,
         **common,
     )
-    lse = torch.logsumexp(lse_parts, dim=0)
     _key_mass_kernel[(triton.cdiv(n_keys, block_n), hkv)](
         q_last,
         kc,
         bt_row,
-        lse,
+        lse_parts,
         out,
         *q_last.stride(),
         *kc.stride(),
-        lse.stride(0),
+        lse_parts.stride(0),
+        lse_parts.stride(1),
         out.stride(0),
         n_rows,
         n_keys,
         q_pos,
+        n_splits,
         scale * _LOG2E,
         LOG2E=_LOG2E,
         **common,

