@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from pbs_vllm.evals.engine import yarn_rope_scaling
+
 # name -> (attention backend, PBS settings or None). Every pbs-* config but the default
 # runs PBS at every length and density (no dense fallback, no dense switch).
 _PURE = {"dense_fallback_len": 0, "dense_above": None}
@@ -46,14 +48,6 @@ CONFIGS: dict[str, tuple[str, dict | None]] = {
 def parse_length(text: str) -> int:
     text = text.strip().lower()
     return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
-
-
-def yarn_rope_scaling(model: str, factor: float) -> dict:
-    """YaRN rope scaling by `factor` over the model's native context (the Qwen2.5 way past
-    32K): the dict vLLM's `hf_overrides` takes as `rope_scaling`."""
-    config = json.loads((Path(model) / "config.json").read_text())
-    native = config.get("max_position_embeddings", 32768)
-    return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": native}
 
 
 def code_token_ids(tokenizer, min_tokens: int = 600_000) -> list[int]:

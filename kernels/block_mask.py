@@ -148,15 +148,21 @@ class PBSBlockMask:
             picked.scatter_(2, positions[:, None, :].expand_as(on_slot), on_slot)
         return picked[:, block_of_row] | causal[None]
 
-    def _block_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(computed, causally visible) key blocks per query block, [Tq] int64 each,
-        summed over KV heads."""
-        bs = self.block_size
-        last = (self.qblocks.pos + self.qblocks.length - 1).long()
-        visible = last // bs + 1
-        own = last // bs - self.own_start.long() // bs + 1
-        computed = self.kv_num_blocks.long().sum(0) + own * self.num_kv_heads
-        return computed, visible * self.num_kv_heads
+    def _static_counts(self) -> tuple[int, int]:
+        """(key blocks of the own causal regions, causally visible key blocks), summed over
+        query blocks and KV heads: fixed by the batch and the block geometry (own regions
+        start at the query block's segment, or at 0 for a dense mask), so computed once on
+        the host per batch and cached there."""
+        bs, ss, h = self.block_size, self.segment_size, self.num_kv_heads
+        key = ("block_counts", bs, ss, h)
+        derived = self.batch.derived
+        if key not in derived:
+            qb = QueryBlocks.of(self.batch, bs)
+            last = (qb.pos + qb.length - 1).long()
+            own_start = qb.pos.long() // ss * ss if ss else torch.zeros_like(last)
+            own = last // bs - own_start // bs + 1
+            derived[key] = (int(own.sum()) * h, int((last // bs + 1).sum()) * h)
+        return derived[key]
 
     def density(self) -> float:
         """Computed key blocks / causally visible key blocks over the batch and KV heads.
@@ -167,8 +173,9 @@ class PBSBlockMask:
 
     def density_tensor(self) -> torch.Tensor:
         """`density()` as a 0-d float64 tensor on the mask's device (no host sync)."""
-        computed, visible = self._block_counts()
-        return computed.sum().double() / visible.sum().double()
+        own, visible = self._static_counts()
+        selected = self.kv_num_blocks.sum(dtype=torch.float64)
+        return (selected + own) / visible
 
     def sparsity(self) -> float:
         """1 - density(): the fraction of causally visible key blocks skipped."""

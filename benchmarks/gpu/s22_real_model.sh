@@ -33,8 +33,8 @@ ruler)
     --settings flash,pbs-sparse,unpermuted-matched --out "$RES/ruler" 2>&1 | tail -30
   ;;
 yarn)
-  python3 benchmarks/bench_ttft.py --model $MODEL --real-weights --prompts code --yarn 4 --lengths 64k,128k \
-    --configs flash,pbs-default,pbs-tau --reps 2 --warmup-lengths 16k --profile 128k \
+  python3 benchmarks/bench_ttft.py --model $MODEL --real-weights --prompts code --yarn 4 --lengths 64k,127k \
+    --configs flash,pbs-default,pbs-tau --reps 2 --warmup-lengths 16k --profile 127k \
     --out "$RES/ttft-yarn" 2>&1 | tail -12
   ;;
 esac
