@@ -11,6 +11,8 @@ Memory: O(splits * Hkv * rows) for the LSEs plus the [Hkv, n_keys] fp32 output.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -194,6 +196,26 @@ def _key_mass_kernel(
     tl.store(out_ptr + head * stride_oh + keys, acc / n_rows, mask=key_ok)
 
 
+_SPLITS = (4096, 2048, 1024)  # compile-time split lengths (one JIT variant each)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_len(row_programs: int, n_keys: int, device: torch.device) -> int:
+    """Keys per partial-LSE program: the longest of _SPLITS that still gives the first pass
+    about four programs per SM (few KV heads, e.g. Qwen2.5's 2, leave the GPU half idle at
+    4096), never shorter than 1024."""
+    for split in _SPLITS:
+        if row_programs * triton.cdiv(n_keys, split) >= 4 * _num_sms(device):
+            return split
+    return _SPLITS[-1]
+
+
 def key_importance(
     q_last: torch.Tensor,
     kv: PagedKV,
@@ -204,7 +226,7 @@ def key_importance(
     *,
     block_m: int = 64,
     block_n: int = 64,
-    split_len: int = 4096,
+    split_len: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:
@@ -213,16 +235,19 @@ def key_importance(
     q_last: [nq, Hq, D] (any strides), queries at absolute positions [q_pos, q_pos + nq);
     each attends causally to keys [0, its position] of block-table row `seq`.
     Returns [Hkv, n_keys] fp32: mean over (query, group head) rows of softmax(q.k * scale).
-    block_m / block_n (rows / keys per tile), split_len (keys per partial-LSE program),
-    num_warps and num_stages are launch tunables (defaults: the H100 sweep's best).
+    block_m / block_n (rows / keys per tile), split_len (keys per partial-LSE program;
+    default: `_split_len`), num_warps and num_stages are launch tunables (defaults: the
+    H100 sweep's best).
     """
     nq, hq, d = q_last.shape
     hkv = kv.num_kv_heads
     if not 0 <= n_keys <= q_pos + nq:
         raise ValueError(f"n_keys={n_keys}: must be in [0, {q_pos + nq}] (keys the queries see)")
+    group = hq // hkv
+    if split_len is None:
+        split_len = _split_len(triton.cdiv(nq * group, block_m) * hkv, q_pos + nq, q_last.device)
     if split_len % block_n:
         raise ValueError(f"split_len={split_len} must be a multiple of block_n={block_n}")
-    group = hq // hkv
     n_rows = nq * group
     out = torch.empty(hkv, n_keys, dtype=torch.float32, device=q_last.device)
     if n_keys == 0:
