@@ -38,6 +38,9 @@ if str(ROOT) not in sys.path:
 from pbs_vllm.evals import compare, engine, ruler  # noqa: E402
 
 TOP_LOGPROBS = 20
+# The PBS backend's density log (pbs_vllm.backend.log names it under vLLM's logger): with a
+# density sample at every layer-call it writes a line per step.
+STATS_LOGGER = "vllm.pbs_vllm.backend.stats"
 # Backend stats kept per (setting, length), besides the mean density.
 _STAT_KEYS = (
     "density_samples",
@@ -162,7 +165,8 @@ class Run:
                 f.write(json.dumps(r) + "\n")
 
     def results(self) -> list[dict]:
-        rows = compare.summarize(self.records, self.densities, self.errors)
+        order = self.meta["args"]["settings"]
+        rows = compare.summarize(self.records, self.densities, self.errors, order=order)
         for r in rows:
             r.update(self.extra.get((r["setting"], r["length"]), {}))
         return rows
@@ -228,6 +232,9 @@ def run_setting(
             run.write()
             continue
         log(f"{setting.name}: engine up in {time.perf_counter() - t0:.1f}s")
+        if not args.backend_log:
+            # After vLLM's logging setup, which resets its child loggers' levels.
+            logging.getLogger(STATS_LOGGER).setLevel(logging.WARNING)
         try:
             for n in group:
                 t1 = time.perf_counter()
@@ -290,7 +297,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--backend-log",
         action="store_true",
-        help="keep the PBS backend's per-step density log lines (off: one per step)",
+        help="keep the PBS backend's density log lines (one per engine step)",
     )
     args = p.parse_args(argv)
     try:
@@ -314,8 +321,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     on_gpu = engine.setup_environment()  # before vLLM is imported
-    if not args.backend_log:
-        logging.getLogger("vllm.pbs_vllm.backend.stats").setLevel(logging.WARNING)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)

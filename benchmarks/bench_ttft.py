@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from pbs_vllm.evals.engine import yarn_rope_scaling
+from pbs_vllm.evals.engine import yarn_hf_overrides
 
 # name -> (attention backend, PBS settings or None). Every pbs-* config but the default
 # runs PBS at every length and density (no dense fallback, no dense switch).
@@ -88,7 +88,7 @@ def run_worker(args: argparse.Namespace) -> None:
     if args.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.yarn:
-        kwargs["hf_overrides"] = {"rope_scaling": yarn_rope_scaling(args.model, args.yarn)}
+        kwargs["hf_overrides"] = yarn_hf_overrides(args.model, args.yarn)
     if pbs is not None:
         kwargs["additional_config"] = {"pbs": {**pbs, "stats_log_interval_s": 0}}
     llm = LLM(**kwargs)

@@ -1,0 +1,82 @@
+"""Which prefill steps of a layer run sparse and which go to the stock kernel: one object
+per layer, its state explicit, no vLLM or torch inside (unit-tested on its own).
+
+Two decisions per layer and step, taken by `PBSAttentionImpl.forward`:
+
+1. before estimation, `held(step)`: a recent step of this layer whose sequences were at
+   least as long came out too dense, so this one goes to the stock kernel unestimated
+   (masks get sparser with context, not denser); each held step uses up one of the
+   `dense_hold_steps` - 1 steps the switch granted;
+2. after estimation, `switch(step, densities)`: every sparse mask of the layer keeps at
+   least `dense_above` of its blocks, so the stock kernel attends the whole step densely
+   (faster than PBS at that density) and a hold starts; a step that could have switched
+   and came out sparse ends the hold.
+
+Both need the step to carry the stock metadata of all its rows (`StepView.can_switch`:
+`dense_above` set and no decodes in the step). The densities cost one host sync, so
+`needs_densities` says when they must be read: when the switch can happen, or when the
+stats want a sample anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepView:
+    """What routing reads from a step: can_switch (the step holds stock metadata for all
+    of its rows) and longest (its longest prefill sequence, in tokens)."""
+
+    can_switch: bool
+    longest: int
+
+
+@dataclass
+class LayerRouting:
+    """Routing state of one attention layer.
+
+    dense_above: the kept-block fraction from which a layer's step goes to the stock
+    kernel (None: never). hold_steps: steps a switch covers, itself included (1: every
+    step is estimated). held_steps / held_up_to: steps left on the stock kernel, and the
+    longest sequence they may have.
+    """
+
+    dense_above: float | None
+    hold_steps: int = 1
+    held_steps: int = 0
+    held_up_to: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dense_above is not None and not 0.0 < self.dense_above <= 1.0:
+            raise ValueError(f"dense_above={self.dense_above}: must be in (0, 1] or None")
+        if self.hold_steps < 1:
+            raise ValueError(f"hold_steps={self.hold_steps}: must be >= 1")
+
+    def _can_switch(self, step: StepView) -> bool:
+        return step.can_switch and self.dense_above is not None
+
+    def held(self, step: StepView) -> bool:
+        """Whether this step runs on the stock kernel without estimation (uses one held
+        step when it does)."""
+        if self._can_switch(step) and self.held_steps > 0 and step.longest <= self.held_up_to:
+            self.held_steps -= 1
+            return True
+        return False
+
+    def needs_densities(self, step: StepView, sample_due: bool) -> bool:
+        """Whether the masks' densities must be read (a host sync) for this step."""
+        return self._can_switch(step) or sample_due
+
+    def switch(self, step: StepView, densities: list[float] | None) -> bool:
+        """After estimation: whether the whole step goes to the stock kernel. densities:
+        of the step's sparse masks (None or empty: not read, so no switch)."""
+        if not self._can_switch(step):
+            return False
+        if densities and all(d >= self.dense_above for d in densities):
+            self.held_steps = self.hold_steps - 1
+            self.held_up_to = max(self.held_up_to, step.longest)
+            return True
+        if densities:
+            self.held_steps = self.held_up_to = 0  # sparse where it could have switched
+        return False

@@ -1,0 +1,61 @@
+"""The per-layer routing state machine (`backend/routing.py`), without vLLM or torch."""
+
+from __future__ import annotations
+
+import pytest
+
+from pbs_vllm.backend.routing import LayerRouting, StepView
+
+SWITCHABLE = StepView(can_switch=True, longest=1000)
+WITH_DECODES = StepView(can_switch=False, longest=1000)
+
+
+def test_no_switch_without_dense_above():
+    r = LayerRouting(dense_above=None, hold_steps=8)
+    assert not r.needs_densities(SWITCHABLE, sample_due=False)
+    assert r.needs_densities(SWITCHABLE, sample_due=True)  # a stats sample still reads them
+    assert not r.switch(SWITCHABLE, [1.0])
+    assert not r.held(SWITCHABLE)
+
+
+def test_switch_needs_every_mask_dense():
+    r = LayerRouting(dense_above=0.6, hold_steps=1)
+    assert r.needs_densities(SWITCHABLE, sample_due=False)
+    assert not r.switch(SWITCHABLE, [0.9, 0.5])
+    assert r.switch(SWITCHABLE, [0.9, 0.6])
+    assert not r.switch(SWITCHABLE, None)  # densities not read: no switch
+    assert not r.switch(WITH_DECODES, [1.0])  # no stock metadata for all rows
+
+
+@pytest.mark.parametrize("hold", [1, 2, 5])
+def test_switch_holds_for_hold_steps_minus_one(hold):
+    r = LayerRouting(dense_above=0.6, hold_steps=hold)
+    assert r.switch(SWITCHABLE, [0.95])
+    held = [r.held(SWITCHABLE) for _ in range(hold + 2)]
+    assert held == [True] * (hold - 1) + [False] * 3
+
+
+def test_hold_covers_only_steps_no_longer_than_the_switch():
+    r = LayerRouting(dense_above=0.6, hold_steps=4)
+    assert r.switch(StepView(True, 500), [0.9])
+    assert not r.held(StepView(True, 501))  # longer: estimate (masks may be sparser)
+    assert r.held(StepView(True, 500))
+    assert not r.held(StepView(False, 100))  # decodes in the step: never held
+    assert r.held(StepView(True, 10))
+    assert r.switch(StepView(True, 800), [0.9])  # a longer switch raises the bound
+    assert r.held_up_to == 800 and r.held_steps == 3
+
+
+def test_sparse_step_ends_the_hold():
+    r = LayerRouting(dense_above=0.6, hold_steps=8)
+    assert r.switch(SWITCHABLE, [0.9])
+    assert not r.switch(StepView(True, 2000), [0.3])
+    assert (r.held_steps, r.held_up_to) == (0, 0)
+    assert not r.held(SWITCHABLE)
+
+
+def test_rejects_bad_settings():
+    with pytest.raises(ValueError, match="dense_above=1.5"):
+        LayerRouting(dense_above=1.5)
+    with pytest.raises(ValueError, match="hold_steps=0"):
+        LayerRouting(dense_above=0.6, hold_steps=0)
