@@ -1,13 +1,9 @@
 """`PBSAttentionImpl`: decode tokens on the stock impl, prefill tokens on the PBS kernels.
 
-Per layer, prefill runs are estimated first (`prefill_mask`). When every sparse run's mask
-keeps at least `dense_above` of its blocks and the step has no decodes, the stock impl
-attends the whole step densely (faster than PBS at that density), and so it does, without
-estimating, for the layer's next steps without decodes whose sequences are no longer than
-the longest that switched (masks get sparser with context, not denser), until
-`dense_hold_steps` steps have run dense; a step that could have switched and came out
-sparse ends the hold. Otherwise the decodes go to the stock impl and the prefill runs to
-`pbs_attention`.
+Per layer: route (`backend/routing.py` decides whether the step is held on the stock
+kernel), estimate (`prefill_mask` per prefill run), route again (every sparse mask at
+least `dense_above` dense: the stock impl attends the whole step), attend (decodes on the
+stock impl, prefill runs on `pbs_attention`).
 
 A layer whose configuration the PBS kernels cannot run (see `unsupported_reason`) gets the
 stock impl itself instead of a PBSAttentionImpl, so it behaves exactly like a stock run;
@@ -26,6 +22,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionTy
 from pbs_vllm import metrics
 from pbs_vllm.backend.log import get_logger
 from pbs_vllm.backend.metadata import PBSAttentionMetadata
+from pbs_vllm.backend.routing import LayerRouting, StepView
 from pbs_vllm.backend.stats import STATS
 from pbs_vllm.backend.stock import CPU_VIEWABLE_ISAS, paged_kv, stock_backend
 from pbs_vllm.config import get_pbs_config
@@ -120,10 +117,7 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
             setattr(self, name, getattr(self.stock, name))
         config = get_pbs_config(get_current_vllm_config())
         self.params = config.sparsity_params()
-        self.dense_above = config.dense_above
-        self.dense_hold_steps = config.dense_hold_steps
-        self._held_steps = 0  # steps left that attend on the stock kernel unestimated
-        self._held_up_to = 0  # ... if no sequence is longer than this (the switches' longest)
+        self.routing = LayerRouting(config.dense_above, config.dense_hold_steps)
         self._on_cpu = stock_backend().get_name() == "CPU_ATTN"
 
     def get_impl_variants(self) -> tuple:
@@ -165,22 +159,18 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("PBS attention does not fuse output quantization")
         m = attn_metadata
-        longest = m.longest_prefill
-        if m.stock_all is not None and self._held_steps > 0 and longest <= self._held_up_to:
+        step = StepView(can_switch=m.stock_all is not None, longest=m.longest_prefill)
+        if self.routing.held(step):
             # A recent step of this layer, with sequences at least as long, was too dense.
-            self._held_steps -= 1
             metrics.record_fallback("dense_held")
             return self.stock.forward(layer, query, key, value, kv_cache, m.stock_all, output)
         work = self._plan_prefills(layer, query, kv_cache, m) if m.prefill_runs else []
-        if work and self._all_too_dense(work, m, getattr(layer, "layer_name", None)):
+        densities = self._densities(work, step, getattr(layer, "layer_name", None))
+        if self.routing.switch(step, densities):
             # Every prefill mask of this layer keeps >= dense_above of its blocks: the stock
             # kernel attends densely faster than PBS would sparsely. (No decodes here.)
             metrics.record_fallback("dense_mask")
-            self._held_steps = self.dense_hold_steps - 1
-            self._held_up_to = max(self._held_up_to, longest)
             return self.stock.forward(layer, query, key, value, kv_cache, m.stock_all, output)
-        if work and m.stock_all is not None and self.dense_above is not None:
-            self._held_steps = self._held_up_to = 0  # sparse where it could have switched
         if m.decode is not None:
             # The stock impl reads rows [0, m.decode.num_actual_tokens): the decodes.
             self.stock.forward(layer, query, key, value, kv_cache, m.decode, output)
@@ -199,17 +189,28 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
             work.append((run, q, kv, mask))
         return work
 
-    def _all_too_dense(self, work: list[tuple], m: PBSAttentionMetadata, name) -> bool:
-        """Whether every sparse run's mask density reaches dense_above (stock_all needed).
-
-        Reads the densities (one device sync) when the switch can happen or a stats
-        sample is due, and records them as samples.
-        """
-        can_switch = self.dense_above is not None and m.stock_all is not None
+    def _densities(self, work: list[tuple], step: StepView, name) -> list[float] | None:
+        """Densities of the step's sparse masks, read (one device sync) only when routing
+        needs them or a stats sample is due; recorded as samples. While a sample is due
+        (and the layer has a name), each mask's per-KV-head densities come in the same
+        transfer."""
         sparse = [mask for run, _, _, mask in work if not run.dense]
-        if not sparse or not (can_switch or STATS.density_due()):
-            return False
-        densities = torch.stack([mask.density_tensor() for mask in sparse]).tolist()
+        due = STATS.density_due()
+        if not sparse or not self.routing.needs_densities(step, due):
+            return None
+        scalars = torch.stack([mask.density_tensor() for mask in sparse])
+        per_head = due and name is not None
+        if per_head:
+            heads = [mask.density_per_head_tensor() for mask in sparse]
+            values = torch.cat([scalars, *heads]).tolist()
+        else:
+            values = scalars.tolist()
+        densities = values[: len(sparse)]
         for d in densities:
             STATS.record_density(d, name)
-        return can_switch and all(d >= self.dense_above for d in densities)
+        if per_head:
+            start = len(sparse)
+            for mask in sparse:
+                STATS.record_head_density(values[start : start + mask.num_kv_heads], name)
+                start += mask.num_kv_heads
+        return densities

@@ -2,7 +2,9 @@
 
 The builder records each step's token split; the impl adds a mask density sample only while
 a log line is due (`density_due()`), so density (one host sync on GPU) is computed for one
-step per interval (every layer of it), not for every step. `STATS.snapshot()` gives the totals as a dict.
+step per interval (every layer of it), not for every step. `STATS.snapshot()` gives the totals as a dict,
+with the mean density per layer and, from the samples taken while a log line was due, per
+(layer, KV head).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class PBSStats:
     density_samples: int = 0
     last_density: float | None = None
     layer_density: dict[str, list[float]] = field(default_factory=dict)  # name -> [sum, n]
+    # name -> one [sum, n] per KV head
+    layer_head_density: dict[str, list[list[float]]] = field(default_factory=dict)
     log_interval_s: float = 0.0
     _last_log: float = field(default_factory=time.monotonic, repr=False)
     _samples_at_log: int = field(default=0, repr=False)
@@ -44,6 +48,7 @@ class PBSStats:
         self.density_sum = 0.0
         self.last_density = None
         self.layer_density = {}
+        self.layer_head_density = {}
         self._last_log = time.monotonic()
         self._samples_at_log = 0
         self._waited = False
@@ -70,6 +75,18 @@ class PBSStats:
             acc[0] += density
             acc[1] += 1
         metrics.record_step(0, 0, density)
+
+    def record_head_density(self, densities: list[float], layer: str) -> None:
+        """Add one per-KV-head density sample of `layer` (one mask: a density per head).
+
+        A layer's samples are expected to have the same head count; a longer sample
+        extends its accumulators.
+        """
+        accs = self.layer_head_density.setdefault(layer, [])
+        accs.extend([0.0, 0] for _ in range(len(densities) - len(accs)))
+        for acc, d in zip(accs, densities):
+            acc[0] += d
+            acc[1] += 1
 
     def mean_density(self) -> float | None:
         return self.density_sum / self.density_samples if self.density_samples else None
@@ -112,6 +129,10 @@ class PBSStats:
             "mean_density": self.mean_density(),
             "last_density": self.last_density,
             "density_per_layer": {k: v[0] / v[1] for k, v in self.layer_density.items()},
+            "density_per_layer_head": {
+                k: [s / n if n else None for s, n in heads]
+                for k, heads in self.layer_head_density.items()
+            },
         }
 
 

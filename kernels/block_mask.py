@@ -148,21 +148,35 @@ class PBSBlockMask:
             picked.scatter_(2, positions[:, None, :].expand_as(on_slot), on_slot)
         return picked[:, block_of_row] | causal[None]
 
-    def _static_counts(self) -> tuple[int, int]:
-        """(key blocks of the own causal regions, causally visible key blocks), summed over
-        query blocks and KV heads: fixed by the batch and the block geometry (own regions
-        start at the query block's segment, or at 0 for a dense mask), so computed once on
-        the host per batch and cached there."""
-        bs, ss, h = self.block_size, self.segment_size, self.num_kv_heads
-        key = ("block_counts", bs, ss, h)
+    def _static_counts_per_head(self) -> tuple[int, int]:
+        """(key blocks of the own causal regions, causally visible key blocks) of one KV
+        head, summed over query blocks: fixed by the batch and the block geometry (own
+        regions start at the query block's segment, or at 0 for a dense mask), the same for
+        every head, so computed once on the host per batch and cached there."""
+        bs, ss = self.block_size, self.segment_size
+        key = ("block_counts_per_head", bs, ss)
         derived = self.batch.derived
         if key not in derived:
             qb = QueryBlocks.of(self.batch, bs)
             last = (qb.pos + qb.length - 1).long()
             own_start = qb.pos.long() // ss * ss if ss else torch.zeros_like(last)
             own = last // bs - own_start // bs + 1
-            derived[key] = (int(own.sum()) * h, int((last // bs + 1).sum()) * h)
+            derived[key] = (int(own.sum()), int((last // bs + 1).sum()))
         return derived[key]
+
+    def _static_counts(self) -> tuple[int, int]:
+        """`_static_counts_per_head` summed over the KV heads."""
+        own, visible = self._static_counts_per_head()
+        return own * self.num_kv_heads, visible * self.num_kv_heads
+
+    def density_per_head_tensor(self) -> torch.Tensor:
+        """`density_tensor()` per KV head: [Hkv] float64 on the mask's device (no host
+        sync), computed key blocks / causally visible key blocks of each head over the
+        batch. Every head sees the same number of blocks, so the mean over heads equals
+        `density_tensor()`."""
+        own, visible = self._static_counts_per_head()
+        selected = self.kv_num_blocks.sum(dim=1, dtype=torch.float64)
+        return (selected + own) / visible
 
     def density(self) -> float:
         """Computed key blocks / causally visible key blocks over the batch and KV heads.

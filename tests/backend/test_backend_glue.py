@@ -153,6 +153,7 @@ def test_stats_sample_density_only_when_a_log_line_is_due(monkeypatch, caplog):
             "model.layers.0.self_attn.attn": 0.25,
             "model.layers.1.self_attn.attn": 0.75,
         },
+        "density_per_layer_head": {},
     }
     line = next(r.getMessage() for r in caplog.records if "PBS prefill" in r.getMessage())
     assert "30 sparse / 4 dense" in line and "mean density 0.500" in line
