@@ -16,8 +16,8 @@ import inspect
 
 import torch
 from vllm.config import get_current_vllm_config
-from vllm.utils.torch_utils import is_quantized_kv_cache
 from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
+from vllm.v1.kv_cache_interface import is_quantized_kv_cache
 
 from pbs_vllm import metrics
 from pbs_vllm.backend.log import get_logger

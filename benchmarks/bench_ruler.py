@@ -6,8 +6,10 @@
 
 Prompts (`pbs_vllm.evals.ruler`) are built once per (task, length) with the model's
 tokenizer, each prompt plus its answer budget fitting in the length, and cached as jsonl
-under OUT/prompts. Each setting (`pbs_vllm.evals.compare.SETTINGS`) gets one in-process
-vLLM engine, reused over the lengths (a density-matched setting, whose `max_density`
+under OUT/prompts. Each setting (`pbs_vllm.evals.compare.SETTINGS`) runs in its own
+child process (GPU memory returns when it exits; `--in-process` keeps one process) with
+one vLLM engine (in that process, so the backend's stats are readable), reused over the
+lengths (a density-matched setting, whose `max_density`
 depends on the length, gets one per length); the prompts of a length go to one
 `LLM.generate` call, greedy, keeping the first generated token's top-20 logprobs. The
 backend's density (mean kept fraction of candidate blocks over sparse layer-calls) is
@@ -164,6 +166,21 @@ class Run:
             for r in records:
                 f.write(json.dumps(r) + "\n")
 
+    def state(self) -> dict:
+        """What a child process hands back (JSON-safe)."""
+        pairs = lambda d: [[k[0], k[1], v] for k, v in d.items()]
+        return {
+            "records": self.records,
+            "densities": pairs(self.densities),
+            "errors": pairs(self.errors),
+            "extra": pairs(self.extra),
+        }
+
+    def merge(self, state: dict) -> None:
+        self.add(state["records"])
+        for name in ("densities", "errors", "extra"):
+            getattr(self, name).update({(s, n): v for s, n, v in state[name]})
+
     def results(self) -> list[dict]:
         order = self.meta["args"]["settings"]
         rows = compare.summarize(self.records, self.densities, self.errors, order=order)
@@ -181,6 +198,26 @@ class Run:
         doc = {**self.meta, "results": self.results()}
         (self.out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
         return table
+
+
+def run_child(name: str, run: Run, argv: list[str] | None) -> None:
+    """One setting in a child process (this script with --child): its engine's memory goes
+    back to the GPU when the child exits, which an in-process `del llm` does not ensure."""
+    import subprocess
+    import tempfile
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known = [[s, n, d] for (s, n), d in run.densities.items()]
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp) / "state.json"
+        cmd = [sys.executable, __file__, *argv, "--settings", name, "--child", str(state)]
+        cmd += ["--known-densities", json.dumps(known)]
+        proc = subprocess.run(cmd)
+        if not state.is_file():
+            for n in run.meta["args"]["lengths"]:
+                run.errors.setdefault((name, n), f"child process exited {proc.returncode}")
+            return
+        run.merge(json.loads(state.read_text()))
 
 
 def run_setting(
@@ -299,11 +336,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="keep the PBS backend's density log lines (one per engine step)",
     )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every engine in this process (default: one child process per setting, "
+        "so each engine's GPU memory is returned when it ends)",
+    )
+    p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--known-densities", default="[]", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         args.lengths = ruler.parse_lengths(args.lengths)
         args.tasks = ruler.parse_tasks(args.tasks)
-        args.settings = compare.parse_settings(args.settings)
+        if args.child is None:
+            args.settings = compare.parse_settings(args.settings)
+        else:  # a child runs exactly the setting it is given (dependencies ran before)
+            args.settings = [args.settings]
+            if args.settings[0] not in compare.SETTINGS:
+                raise ValueError(f"unknown setting {args.settings[0]!r}")
     except ValueError as e:
         p.error(str(e))
     if args.num_prompts < 1:
@@ -353,16 +403,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for n in args.settings
         },
     }
-    run = Run(args.out, meta)
+    run = Run(args.out / "child" / args.settings[0] if args.child else args.out, meta)
+    for name, n, d in json.loads(args.known_densities):
+        run.densities[(name, n)] = d
     for name in args.settings:
         setting = compare.SETTINGS[name]
         t0 = time.perf_counter()
         try:
-            run_setting(setting, args.lengths, prompts, run, args, on_gpu)
+            if args.child is None and not args.in_process:
+                run_child(name, run, argv)
+            else:
+                run_setting(setting, args.lengths, prompts, run, args, on_gpu)
         except Exception as e:  # anything run_setting did not catch itself
             log(f"{name}: failed:\n{traceback.format_exc()}")
             for n in args.lengths:
                 run.errors.setdefault((name, n), f"{type(e).__name__}: {e}")
+        if args.child is not None:
+            args.child.write_text(json.dumps(run.state()))
+            return []
         run.write()
         log(f"{name}: done in {time.perf_counter() - t0:.1f}s")
     table = run.write()

@@ -86,7 +86,21 @@ def select_blocks(
     return keep.sum(dim=-1, dtype=torch.int32), ids
 
 
-@triton.jit
+# Per-step sizes are not specialised: a new chunk shape never triggers a JIT compile
+# (only a new candidate bucket BLOCK_C does).
+@triton.jit(
+    do_not_specialize=[
+        "tq",
+        "c",
+        "width",
+        "stride_perm",
+        "stride_num",
+        "stride_ih",
+        "stride_it",
+        "tau",
+        "max_density",
+    ]
+)
 def _select_kernel(
     logits_ptr,  # [Hkv, GROUP * Tq, C] fp32: unscaled pooled q.k, rows (group head, block)
     pos_ptr,  # [Tq] int32: absolute position of each query block's first present token

@@ -50,7 +50,7 @@ _P = dict(block_size=BS, segment_size=SS)
         "g7-ties-cap0.1",
     ],
 )
-def test_fused_selection_matches_reference(gen, group, params, ties):
+def test_fused_selection_matches_reference(gen, device, group, params, ties):
     hkv, tq, n_seg = 2, 9, 5
     q_pool, k_pool, pos, perm = _case(gen, group, hkv, n_seg, tq, ties)
     c = k_pool.shape[1]
@@ -68,7 +68,12 @@ def test_fused_selection_matches_reference(gen, group, params, ties):
         num = torch.full((hkv, tq), -7, dtype=torch.int32)
         ids = torch.full((hkv, tq, width), -7, dtype=torch.int32)
         logits = torch.bmm(q_pool.reshape(hkv, group * tq, -1), k_pool.mT).contiguous()
-        select_into(logits, pos, perm, exact if use_exact else None, num, ids, params, scale)
+        on = lambda x: x.to(device)
+        num, ids = on(num), on(ids)
+        select_into(
+            on(logits), on(pos), on(perm), on(exact) if use_exact else None, num, ids, params, scale
+        )
+        num, ids = num.cpu(), ids.cpu()
         assert torch.equal(num, want_num), (use_exact, num, want_num)
         assert torch.equal(ids[..., :c], want_ids), use_exact
         assert (ids[..., c:] == -7).all()
