@@ -84,6 +84,38 @@ def unsupported_reason(args: dict) -> str | None:
 _PLAIN_ARGS = set(inspect.signature(impl_args).parameters) | {"sinks"}
 
 
+_WARMED_UP: set[tuple] = set()
+
+
+def _warm_up_once(impl, dtype: torch.dtype, max_len: int, page_size: int) -> None:
+    """Compile and tune the PBS kernels once per process and layer shape (see
+    `pbs_vllm.kernels.warmup`); a failure is logged and leaves them to compile on first use."""
+    key = (impl.num_heads, impl.num_kv_heads, impl.head_size, dtype, impl.params, page_size)
+    if key in _WARMED_UP:
+        return
+    _WARMED_UP.add(key)
+    from pbs_vllm.kernels.warmup import warm_up
+
+    shape = f"{impl.num_heads} q / {impl.num_kv_heads} KV heads, head dim {impl.head_size}"
+    try:
+        seconds = warm_up(
+            impl.num_heads,
+            impl.num_kv_heads,
+            impl.head_size,
+            dtype,
+            torch.device("cuda", torch.cuda.current_device()),
+            impl.params,
+            page_size,
+            max_len,
+        )
+    except Exception as e:  # serving still works: the kernels compile on first use
+        logger.warning(f"PBS warm-up for {shape} failed ({type(e).__name__}: {e}); skipped")
+        return
+    logger.info(
+        f"PBS warm-up: kernels compiled for {shape} up to {max_len} tokens in {seconds:.1f} s"
+    )
+
+
 class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
     """Routes a layer's decode rows to the stock impl and its prefill rows to PBS.
 
@@ -115,10 +147,16 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
             "kv_sharing_target_layer_name",
         ):
             setattr(self, name, getattr(self.stock, name))
-        config = get_pbs_config(get_current_vllm_config())
+        vllm_config = get_current_vllm_config()
+        config = get_pbs_config(vllm_config)
         self.params = config.sparsity_params()
         self.routing = LayerRouting(config.dense_above, config.dense_hold_steps)
         self._on_cpu = stock_backend().get_name() == "CPU_ATTN"
+        self._warmup = None  # (max_len, page_size) to compile the kernels for at load time
+        max_len = getattr(vllm_config.model_config, "max_model_len", None)
+        if config.warmup and max_len and not self._on_cpu and torch.cuda.is_available():
+            page_size = getattr(vllm_config.cache_config, "block_size", None) or 16
+            self._warmup = (max_len, page_size)
 
     def get_impl_variants(self) -> tuple:
         """vLLM 0.32: lets the stock builder find its own impl inside ours."""
@@ -126,6 +164,8 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         self.stock.process_weights_after_loading(act_dtype)
+        if self._warmup is not None:
+            _warm_up_once(self, act_dtype, *self._warmup)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         """Write this step's K/V exactly as the stock backend does (original order)."""

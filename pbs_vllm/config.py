@@ -77,6 +77,11 @@ class PBSConfig(BaseModel):
     stats_log_interval_s: float = Field(
         10.0, ge=0.0, description="Seconds between density log lines (0 = off)."
     )
+    warmup: bool = Field(
+        True,
+        description="Compile and tune the PBS kernels for the model's shape at start-up (GPU), "
+        "so no request pays Triton's JIT compiles; false = compile on first use.",
+    )
 
     @field_validator("block_size")
     @classmethod
@@ -151,6 +156,7 @@ _ALLOWED = {
     "keep_sink": "true or false",
     "exact_last_block": "true or false",
     "stats_log_interval_s": "a number >= 0",
+    "warmup": "true or false",
 }
 
 

@@ -1,0 +1,96 @@
+"""Compile and tune every PBS kernel variant a model's shape needs before the first request.
+
+Triton compiles a kernel the first time it meets a new set of compile-time constants and
+tunes the attention kernel on its first call. Most constants are fixed by the model and
+the settings (head dim, GQA group, block and segment sizes); what varies with the prompt
+is the selection kernel's candidate bucket (the next power of two of a sequence's
+permuted key blocks) and the key-importance split length. Without a warm-up the first
+request at each new length bucket pays those compiles (measured on an H200, Qwen2.5-0.5B
+shape: the first 64K request took 8-30 s, the next 0.35-0.44 s).
+
+`warm_up` runs one realistic chunk (which also tunes the attention kernel on real sizes),
+then one query block per candidate bucket up to `max_len`, on a synthetic paged cache, and
+frees everything. `warmup_lengths` is the plan, a pure function.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import triton
+
+from pbs_vllm.kernels.importance import _SPLITS, key_importance
+from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
+from pbs_vllm.kernels.params import SparsityParams
+from pbs_vllm.kernels.prefill import pbs_prefill
+
+# Longest synthetic sequence: buckets past it compile on first use instead (a 256K-key
+# cache of 8 KV heads at head dim 128 in bf16 is 1 GiB).
+MAX_WARMUP_KEYS = 256 * 1024
+
+
+def warmup_lengths(max_len: int, params: SparsityParams) -> list[int]:
+    """Sequence lengths whose last query block reaches each candidate bucket of the
+    selection kernel (max(16, next power of two of the permuted key blocks)) that a
+    sequence of at most `max_len` (capped at MAX_WARMUP_KEYS) tokens can reach."""
+    bs, ss = params.block_size, params.segment_size
+    longest = min(max_len, MAX_WARMUP_KEYS)
+    per_segment = ss // bs  # candidates come in whole segments
+    out, bucket = [], 16
+    while bucket == 16 or (bucket // 2) * bs < longest:
+        # the most candidates in this bucket that a sequence of `longest` tokens has
+        c = min(bucket, (longest - 1) // bs) // per_segment * per_segment
+        if c and (bucket == 16 or c > bucket // 2):
+            out.append(c * bs + 1)  # permuted region (n - 1) // ss * ss = c * bs keys
+        bucket *= 2
+    return out
+
+
+def warm_up(
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    params: SparsityParams,
+    page_size: int,
+    max_len: int,
+) -> float:
+    """Run the PBS kernels once per compile-time variant for this shape; returns seconds.
+
+    Uses a synthetic cache of up to `MAX_WARMUP_KEYS` keys (random bf16/fp16), returned to
+    the allocator's pool and emptied from the cache when done.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    scale = head_dim**-0.5
+    lengths = warmup_lengths(max_len, params)
+    n_keys = max(lengths + [min(max_len, 16384)])
+    gen = torch.Generator(device=device).manual_seed(0)
+    n_pages = triton.cdiv(n_keys, page_size)
+    shape = (n_pages, page_size, num_kv_heads, head_dim)
+    kc = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+    vc = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+    kv = PagedKV(kc, vc, torch.arange(n_pages, dtype=torch.int32, device=device)[None])
+
+    def query(n: int) -> torch.Tensor:
+        return torch.randn(n, num_q_heads, head_dim, dtype=dtype, device=device, generator=gen)
+
+    # A realistic chunk first: the attention kernel is tuned on its first call.
+    chunk = min(4096, n_keys // 2)
+    pbs_prefill(query(chunk), kv, ChunkBatch([chunk], [n_keys - chunk]), params, scale)
+    for n in lengths:
+        q_len = min(params.block_size, n)
+        pbs_prefill(query(q_len), kv, ChunkBatch([q_len], [n - q_len]), params, scale)
+    if params.permute:
+        q_last = query(params.block_size)
+        for split in _SPLITS:
+            q_pos = n_keys - params.block_size
+            key_importance(q_last, kv, 0, q_pos, n_keys // 2, scale, split_len=split)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    del kc, vc, kv
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return time.perf_counter() - t0
