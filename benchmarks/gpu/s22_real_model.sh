@@ -7,7 +7,8 @@
 #           the default with sparse prefill from 16K
 #   ruler   RULER-style suite at 8K-32K: FLASH_ATTN, PBS sparse, unpermuted at matched density
 #   density PBS density per layer and KV head at 8K-32K (code prompts) and a mask heatmap
-#   yarn    TTFT 64K-128K with YaRN x4: FLASH_ATTN, PBS default, sparse tau 0.9
+#   yarn    TTFT 64K-128K with YaRN x4: FLASH_ATTN, PBS default, sparse tau 0.9 (the first of
+#           the reps shows whether the start-up warm-up removed the first-request compiles)
 . benchmarks/gpu/common.sh
 python3 -m pip install -q --no-index --no-deps --target /tmp/site-gguf .whl/gguf-*.whl >>"$RES/pip.log" 2>&1
 export PYTHONPATH=/tmp/site-gguf:$PYTHONPATH
@@ -31,8 +32,10 @@ native)
     --profile 30k --out "$RES/ttft-native" 2>&1 | tail -16
   ;;
 ruler)
-  python3 benchmarks/bench_ruler.py --model $MODEL --lengths 8k,16k,32k --num-prompts ${N:-30} \
-    --settings flash,pbs-sparse,unpermuted-matched --out "$RES/ruler" 2>&1 | tail -30
+  # SETTINGS picks a subset per call (each setting is its own child process; a later call
+  # reuses the cached prompts and, for unpermuted-matched, needs pbs-sparse in the same call)
+  python3 benchmarks/bench_ruler.py --model $MODEL --lengths ${LENGTHS:-8k,16k,32k} --num-prompts ${N:-30} \
+    --settings ${SETTINGS:-flash,pbs-sparse,unpermuted-matched} --out "$RES/ruler" 2>&1 | tail -30
   ;;
 density)
   python3 benchmarks/bench_density.py --model $MODEL --lengths 8k,16k,30k --prompts-per-length 4 \
