@@ -35,7 +35,7 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 serve: venv
-	PBS_VLLM_CPU_PLATFORM=1 TRITON_INTERPRET=1 $(BIN)/pbs-vllm serve-tiny --port $(PORT)
+	$(BIN)/pbs-vllm serve-demo --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

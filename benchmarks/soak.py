@@ -124,12 +124,14 @@ def start_server(
     max_num_batched_tokens: int = 64,
     extra: Sequence[str] = (),
     startup_timeout_s: float = 600.0,
+    env_overrides: dict[str, str] | None = None,
 ) -> Server:
     """Start the embedded tiny model behind vLLM's OpenAI server and wait for `/health`.
 
     Sets the PBS CPU platform and the Triton interpreter when no GPU is visible, a 1 GiB
-    KV cache, and `VLLM_SERVER_DEV_MODE=1` (for `/reset_prefix_cache`). Raises
-    RuntimeError with the log's tail if the server exits or is not healthy in time.
+    KV cache, and `VLLM_SERVER_DEV_MODE=1` (for `/reset_prefix_cache`), then
+    env_overrides. Raises RuntimeError with the log's tail if the server exits or is not
+    healthy in time.
     """
     import torch
 
@@ -139,6 +141,7 @@ def start_server(
     env.pop("VLLM_TARGET_DEVICE", None)  # `cpu` there makes vLLM skip platform plugins
     if not torch.cuda.is_available():
         env.update(PBS_VLLM_CPU_PLATFORM="1", TRITON_INTERPRET="1")
+    env.update(env_overrides or {})
     port = free_port()
     cmd = server_command(tiny_llama_path(), port, pbs, max_model_len, max_num_batched_tokens, extra)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -449,9 +452,11 @@ def soak(
     concurrency: int,
     rss_of=None,
     sequential: int = 0,
+    health_interval_s: float = 1.0,
 ) -> SoakReport:
     """Run the same requests `rounds` times concurrently, in a new shuffled order each round.
 
+    `/health` and the server's running-request gauge are polled every health_interval_s.
     `rss_of()` (e.g. `Server.rss_bytes`) is read before and after each round. Then the
     prefix cache is reset and `sequential` requests (spread evenly over the list, all if
     it is >= len(requests)) are replayed one at a time; greedy tokens must equal round 1's.
@@ -461,7 +466,7 @@ def soak(
     for r in range(rounds):
         order = list(range(len(requests)))
         random.Random(r).shuffle(order)
-        res = run_round(url, [requests[i] for i in order], concurrency)
+        res = run_round(url, [requests[i] for i in order], concurrency, health_interval_s)
         outputs: list[list[int] | None] = [None] * len(requests)
         for pos, i in enumerate(order):
             outputs[i] = res.outputs[pos]

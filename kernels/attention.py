@@ -428,7 +428,11 @@ def pbs_attention(
     sum-exp of the scaled scores, [Hq, T] float32. Runs under the torch.profiler range
     "pbs_attention".
     """
+    from pbs_vllm.kernels.cpu import pbs_attention_torch, use_torch_kernels
+
     with record_function("pbs_attention"):
+        if use_torch_kernels(q):  # CPU tensors: vectorized PyTorch (PBS_VLLM_CPU_KERNELS)
+            return pbs_attention_torch(q, kv, mask, scale, out, return_lse)
         return _pbs_attention(q, kv, mask, scale, out, return_lse)
 
 

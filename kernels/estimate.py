@@ -101,6 +101,10 @@ def build_block_mask(
     With params.exact_last_block the sequence's last query block (whose candidates are the
     whole permuted region) selects by `exact_block_mass` instead of pooled scores.
     """
+    from pbs_vllm.kernels.cpu import build_block_mask_torch, use_torch_kernels
+
+    if use_torch_kernels(q):  # CPU tensors: vectorized PyTorch (PBS_VLLM_CPU_KERNELS)
+        return build_block_mask_torch(q, kv, batch, params, scale)
     check_prefill_inputs(q, kv, batch)
     bs, ss, hkv, dev = params.block_size, params.segment_size, kv.num_kv_heads, q.device
     stride = params.antidiagonal_stride if params.scoring == "antidiagonal" else 1

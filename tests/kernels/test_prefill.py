@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from pbs_vllm.kernels import ChunkBatch, SparsityParams, pbs_attention_ref, pbs_prefill
 from pbs_vllm.kernels.attention_ref import gather_sequence_kv
 
+pytestmark = pytest.mark.usefixtures("triton_kernels")  # the Triton kernels, interpreted on CPU
+
 BATCH = ChunkBatch(q_lens=[40, 100, 5], ctx_lens=[150, 37, 203])
 PARAMS = dict(block_size=16, segment_size=32)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pbs_vllm.kernels import ChunkBatch, PagedKV, SparsityParams, pbs_prefill
 from pbs_vllm.kernels.attention import _tile_table
 from pbs_vllm.kernels.block_mask import QueryBlocks, dense_block_mask
+
+pytestmark = pytest.mark.usefixtures("triton_kernels")  # tile tables are the Triton kernel's
 
 
 def test_query_blocks_and_dense_mask_are_built_once_per_batch():

@@ -1,4 +1,5 @@
-"""Property-based fuzzing of the prefill kernels' shape space (Triton interpreter on CPU).
+"""Property-based fuzzing of the prefill kernels' shape space, on the Triton kernels (the
+interpreter on CPU) and on the vectorized PyTorch path CPU tensors take by default.
 
 Hypothesis draws ragged batches (context lengths 0..MAX_CTX, chunk sizes 1..MAX_Q), GQA
 ratios, head dims, page sizes and sparsity settings, plus a seed for the data and for the
@@ -10,6 +11,10 @@ as NaN, so a stray read or an unwritten row fails the comparison.
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +27,7 @@ from pbs_vllm.kernels import (
     pbs_attention_ref,
     pbs_prefill,
 )
+from pbs_vllm.kernels.cpu import KERNELS_ENV
 
 MAX_SEQS, MAX_CTX, MAX_Q = 3, 100, 48
 SPARE_PAGES = 2
@@ -88,9 +94,10 @@ def scatter_into_pages(
     return PagedKV(key_cache, value_cache, table)
 
 
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(prefill_case())
-def test_pbs_prefill_equals_reference(case):
+@given(case=prefill_case())
+def test_pbs_prefill_equals_reference(kernels, case):
     batch, dtype, params = case["batch"], case["dtype"], case["params"]
     hkv, hq, d = case["kv_heads"], case["kv_heads"] * case["group"], case["head_dim"]
     gen = torch.Generator().manual_seed(case["seed"])
@@ -103,7 +110,8 @@ def test_pbs_prefill_equals_reference(case):
     scale = d**-0.5
 
     out = torch.full_like(q, float("nan"))
-    got, mask = pbs_prefill(q, kv, batch, params, scale, out=out)
+    with mock.patch.dict(os.environ, {KERNELS_ENV: kernels}):
+        got, mask = pbs_prefill(q, kv, batch, params, scale, out=out)
     ref_mask = build_block_mask_ref(q, kv, batch, params, scale)
 
     for b in range(len(batch)):

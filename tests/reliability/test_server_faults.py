@@ -28,11 +28,19 @@ from benchmarks.soak import (
     is_healthy,
     run_round,
 )
+from pbs_vllm.kernels.cpu import KERNELS_ENV
 
 pytestmark = pytest.mark.engine
 
 MAX_MODEL_LEN = 1024
-SERVER_OPTIONS = {"pbs": SOAK_PBS, "max_num_batched_tokens": 64, "max_model_len": MAX_MODEL_LEN}
+SERVER_OPTIONS = {
+    "pbs": SOAK_PBS,
+    "max_num_batched_tokens": 64,
+    "max_model_len": MAX_MODEL_LEN,
+    # On the CPU: the Triton kernels, interpreted, instead of the PyTorch ones, so that a
+    # prefill lasts long enough to disconnect in it.
+    "env_overrides": {KERNELS_ENV: "triton"},
+}
 PREFILL_LEN = 256  # 4 chunks of 64 tokens: seconds of interpreted prefill to disconnect in
 DRAIN_TIMEOUT_S = 120
 

@@ -29,7 +29,8 @@ def workload():
 
 @pytest.fixture(scope="module")
 def report(server, workload) -> SoakReport:
-    rep = soak(server.url, workload, ROUNDS, CONCURRENCY, server.rss_bytes, SEQUENTIAL)
+    # Polled often: on the CPU's PyTorch kernels a round of 100 requests takes about a second.
+    rep = soak(server.url, workload, ROUNDS, CONCURRENCY, server.rss_bytes, SEQUENTIAL, 0.05)
     print(f"soak: {rep}")
     return rep
 
