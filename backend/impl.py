@@ -3,7 +3,8 @@
 Per layer: route (`backend/routing.py` decides whether the step is held on the stock
 kernel), estimate (`prefill_mask` per prefill run), route again (every sparse mask at
 least `dense_above` dense: the stock impl attends the whole step), attend (decodes on the
-stock impl, prefill runs on `pbs_attention`).
+stock impl, prefill runs on the prefill kernel of `backend/prefill_kernel.py`: FA3 on
+Hopper, the Triton kernel elsewhere).
 
 A layer whose configuration the PBS kernels cannot run (see `unsupported_reason`) gets the
 stock impl itself instead of a PBSAttentionImpl, so it behaves exactly like a stock run;
@@ -22,11 +23,12 @@ from vllm.v1.kv_cache_interface import is_quantized_kv_cache
 from pbs_vllm import metrics
 from pbs_vllm.backend.log import get_logger
 from pbs_vllm.backend.metadata import PBSAttentionMetadata
+from pbs_vllm.backend.prefill_kernel import prefill_attention
 from pbs_vllm.backend.routing import LayerRouting, StepView
 from pbs_vllm.backend.stats import STATS
 from pbs_vllm.backend.stock import CPU_VIEWABLE_ISAS, paged_kv, stock_backend
 from pbs_vllm.config import get_pbs_config
-from pbs_vllm.kernels import PagedKV, pbs_attention, prefill_mask
+from pbs_vllm.kernels import PagedKV, prefill_mask
 
 logger = get_logger(__name__)
 
@@ -96,7 +98,10 @@ def _warm_up_once(impl, dtype: torch.dtype, max_len: int, page_size: int) -> Non
     _WARMED_UP.add(key)
     from pbs_vllm.kernels.warmup import warm_up
 
-    shape = f"{impl.num_heads} q / {impl.num_kv_heads} KV heads, head dim {impl.head_size}"
+    shape = (
+        f"{impl.num_heads} q / {impl.num_kv_heads} KV heads, head dim {impl.head_size}, "
+        f"{impl.attend.kernel} attention"
+    )
     try:
         seconds = warm_up(
             impl.num_heads,
@@ -107,6 +112,7 @@ def _warm_up_once(impl, dtype: torch.dtype, max_len: int, page_size: int) -> Non
             impl.params,
             page_size,
             max_len,
+            attend=impl.attend,
         )
     except Exception as e:  # serving still works: the kernels compile on first use
         logger.warning(f"PBS warm-up for {shape} failed ({type(e).__name__}: {e}); skipped")
@@ -152,6 +158,8 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         self.params = config.sparsity_params()
         self.routing = LayerRouting(config.dense_above, config.dense_hold_steps)
         self._on_cpu = stock_backend().get_name() == "CPU_ATTN"
+        # attend(q, kv, mask, scale, out): FA3 on Hopper, else Triton (chosen once, logged)
+        self.attend = prefill_attention("triton" if self._on_cpu else config.attention_kernel)
         self._warmup = None  # (max_len, page_size) to compile the kernels for at load time
         max_len = getattr(vllm_config.model_config, "max_model_len", None)
         if config.warmup and max_len and not self._on_cpu and torch.cuda.is_available():
@@ -215,7 +223,7 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
             # The stock impl reads rows [0, m.decode.num_actual_tokens): the decodes.
             self.stock.forward(layer, query, key, value, kv_cache, m.decode, output)
         for run, q, kv, mask in work:
-            pbs_attention(q, kv, mask, self.scale, out=output[run.rows])
+            self.attend(q, kv, mask, self.scale, output[run.rows])
         return output
 
     def _plan_prefills(self, layer, query, kv_cache, m: PBSAttentionMetadata) -> list[tuple]:

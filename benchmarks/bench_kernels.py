@@ -9,8 +9,13 @@ chunk over a 128K prefix. Times are medians of triton.testing.do_bench; TFLOP/s 
 (query, key) pairs actually attended; speedups are against dense cuDNN of the same case.
 The kernel is autotuned once, on a 32K dense call, before the 8K correctness check.
 
-    python benchmarks/bench_kernels.py [--quick] [--sizes 8192 131072] [--out DIR]
+    python benchmarks/bench_kernels.py [--quick] [--shape llama|qwen] [--sizes 8192 131072] [--out DIR]
 --quick: 32K and 128K; cuDNN, Flex at 0.1, ours dense and at 0.05/0.1/0.25/1.0, estimate.
+--shape qwen: 14 query / 2 KV heads, head dim 64 (Qwen2.5-0.5B) instead of Llama-3.1-8B's.
+With vLLM's FA3 importable (Hopper) it also times `fa3_dense` (FA3 itself on the paged
+cache: the FLASH_ATTN kernel) and `pbsfa_<f>` / `pbsfa_dense_mask` (PBS through FA3,
+`pbs_vllm.kernels.varlen`, scratch copy and page tables included), and reports every
+method's throughput per computed block against fa3_dense (`x FA3 rate`).
 Results (bench_kernels.csv, bench_kernels.md) go to --out, or to $OUT when it is set.
 """
 
@@ -35,6 +40,7 @@ from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
 from pbs_vllm.kernels.params import SparsityParams
 
 HQ, HKV, D, PAGE, BLOCK, SEGMENT = 32, 8, 128, 16, 128, 256
+SHAPES = {"llama": (32, 8, 128), "qwen": (14, 2, 64)}  # (HQ, HKV, D)
 DTYPE = torch.bfloat16
 FIELDS = [
     "case",
@@ -47,8 +53,23 @@ FIELDS = [
     "speedup_vs_cudnn",
     "speedup_vs_dense_pbs",
     "speedup_vs_flex",
+    "rate_vs_fa3",
     "peak_extra_mib",
 ]
+
+
+def fa3_varlen():
+    """vLLM's FA3 varlen function (fa_version=3), or None where it cannot run."""
+    try:
+        from vllm.vllm_flash_attn.flash_attn_interface import (
+            flash_attn_varlen_func,
+            is_fa_version_supported,
+        )
+    except ImportError:
+        return None
+    if not is_fa_version_supported(3):
+        return None
+    return lambda *a, **kw: flash_attn_varlen_func(*a, **kw, fa_version=3)
 
 
 @dataclass
@@ -258,11 +279,24 @@ def run_case(
         1.0,
         dense_flops,
     )
+    fa3 = fa3_varlen()
+    if fa3 is not None:
+        from pbs_vllm.kernels.varlen import pbs_attention_varlen
+
+        # The dense mask through the varlen route is one FA3 call on the paged cache.
+        dense_fa = lambda: pbs_attention_varlen(inp.q, inp.kv, dense, D**-0.5, fa3)  # noqa: E731
+        record("fa3_dense", bench(dense_fa), 1.0, dense_flops)
+        full = random_block_mask(case.batch, BLOCK, SEGMENT, HKV, 1.0, "cuda", seed=seed)
+        ms = bench(lambda: pbs_attention_varlen(inp.q, inp.kv, full, D**-0.5, fa3))
+        record("pbsfa_dense_mask", ms, 1.0, dense_flops)
     for frac in fractions:
         mask = random_block_mask(case.batch, BLOCK, SEGMENT, HKV, frac, "cuda", seed=seed)
         flops = 4 * D * (HQ // HKV) * attended_pairs(mask)
         ms = bench(lambda m=mask: pbs_attention(inp.q, inp.kv, m, D**-0.5))
         record(f"pbs_{frac:g}", ms, mask.density(), flops)
+        if fa3 is not None:
+            ms = bench(lambda m=mask: pbs_attention_varlen(inp.q, inp.kv, m, D**-0.5, fa3))
+            record(f"pbsfa_{frac:g}", ms, mask.density(), flops)
         if frac in flex_fractions:
             try:
                 record(f"flex_{frac:g}", bench(flex_fn(inp, mask, case)), mask.density(), flops)
@@ -317,6 +351,10 @@ def add_speedups(rows: list[dict]) -> None:
         for r in rows:
             ms = base.get(r["case"])
             r[column] = round(ms / r["ms"], 3) if ms and r["tflops"] else None
+    fa3 = {r["case"]: r["tflops"] for r in rows if r["method"] == "fa3_dense"}
+    for r in rows:
+        rate = fa3.get(r["case"])
+        r["rate_vs_fa3"] = round(r["tflops"] / rate, 3) if rate and r["tflops"] else None
     flex = {(r["case"], r["method"][5:]): r["ms"] for r in rows if r["method"].startswith("flex_")}
     for r in rows:
         ms = flex.get((r["case"], r["method"][4:])) if r["method"].startswith("pbs_") else None
@@ -332,8 +370,8 @@ def markdown(rows: list[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| case | method | density | ms | TFLOP/s | x cuDNN | x dense (ours) | x Flex |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | method | density | ms | TFLOP/s | x cuDNN | x dense (ours) | x Flex | x FA3 rate |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         method = r["method"]
@@ -342,7 +380,8 @@ def markdown(rows: list[dict], header: str) -> str:
         lines.append(
             f"| {r['case']} | {method} | {r['density']:.3f} | {r['ms']:.2f} | "
             f"{_cell(r['tflops'], '.0f')} | {_cell(r['speedup_vs_cudnn'], '.2f')} | "
-            f"{_cell(r['speedup_vs_dense_pbs'], '.2f')} | {_cell(r['speedup_vs_flex'], '.2f')} |"
+            f"{_cell(r['speedup_vs_dense_pbs'], '.2f')} | {_cell(r['speedup_vs_flex'], '.2f')} | "
+            f"{_cell(r['rate_vs_fa3'], '.2f')} |"
         )
     by = {(r["case"], r["method"]): r for r in rows}
     lines += ["", "| case | target | measured |", "|---|---|---|"]
@@ -356,6 +395,15 @@ def markdown(rows: list[dict], header: str) -> str:
                     f"{r['tflops'] / cudnn['tflops']:.0%} ({r['tflops']:.0f} vs "
                     f"{cudnn['tflops']:.0f} TFLOP/s) |"
                 )
+        for method in ("pbsfa_dense_mask", "pbsfa_1", "pbsfa_0.1"):
+            r = by.get((case, method))
+            if r and r["rate_vs_fa3"]:
+                lines.append(
+                    f"| {case} | {method} per computed block >= 90% of FA3 | {r['rate_vs_fa3']:.0%} |"
+                )
+        r = by.get((case, "pbsfa_0.1"))
+        if r and r["speedup_vs_cudnn"]:
+            lines.append(f"| {case} | pbsfa_0.1 >= 10x cuDNN | {r['speedup_vs_cudnn']:.2f}x |")
         r = by.get((case, "pbs_0.1"))
         if r and r["speedup_vs_cudnn"]:
             lines.append(f"| {case} | pbs_0.1 >= 7x cuDNN | {r['speedup_vs_cudnn']:.2f}x |")
@@ -407,16 +455,20 @@ def main() -> None:
         help="32K and 128K only: cuDNN, Flex at 0.1, ours dense and at 0.05/0.1/0.25/1.0, "
         "estimate (overrides --sizes/--fractions/--flex-*/--sdpa, implies --no-chunk)",
     )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory (default $OUT)")
     args = parser.parse_args()
+    global HQ, HKV, D
+    HQ, HKV, D = SHAPES[args.shape]
     if args.quick:
         args.sizes, args.fractions, args.no_chunk = [32768, 131072], [0.05, 0.1, 0.25, 1.0], True
         args.flex_fractions, args.flex_sizes, args.sdpa = [0.1], [32768, 131072], ["sdpa_cudnn"]
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
     header = (
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"{HQ} q / {HKV} KV heads, head dim {D}"
     )
     print(f"device: {header}")
     tune(args.seed)
@@ -434,15 +486,15 @@ def main() -> None:
     print_table(rows)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "bench_kernels.csv")
+        path = os.path.join(args.out, f"bench_kernels-{args.shape}.csv")
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
             writer.writeheader()
             writer.writerows(rows)
         best = getattr(attention_mod._pbs_fwd_tuned, "best_config", None)
-        with open(os.path.join(args.out, "bench_kernels.md"), "w") as f:
+        with open(os.path.join(args.out, f"bench_kernels-{args.shape}.md"), "w") as f:
             f.write(markdown(rows, f"{header}; autotuned config: {best}"))
-        print(f"wrote {path} and bench_kernels.md")
+        print(f"wrote {path} and its .md")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ import time
 import torch
 import triton
 
+from pbs_vllm.kernels.attention import pbs_attention
 from pbs_vllm.kernels.importance import _SPLITS, key_importance
 from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
 from pbs_vllm.kernels.params import SparsityParams
-from pbs_vllm.kernels.prefill import pbs_prefill
+from pbs_vllm.kernels.prefill import prefill_mask
 
 # Longest synthetic sequence: buckets past it compile on first use instead (a 256K-key
 # cache of 8 KV heads at head dim 128 in bf16 is 1 GiB).
@@ -56,8 +57,12 @@ def warm_up(
     params: SparsityParams,
     page_size: int,
     max_len: int,
+    attend=None,
 ) -> float:
     """Run the PBS kernels once per compile-time variant for this shape; returns seconds.
+
+    attend(q, kv, mask, scale, out): the attention the server uses (default
+    `pbs_attention`, the Triton kernel).
 
     Uses a synthetic cache of up to `MAX_WARMUP_KEYS` keys (random bf16/fp16), returned to
     the allocator's pool and emptied from the cache when done.
@@ -77,12 +82,19 @@ def warm_up(
     def query(n: int) -> torch.Tensor:
         return torch.randn(n, num_q_heads, head_dim, dtype=dtype, device=device, generator=gen)
 
+    if attend is None:
+        attend = lambda q, kv, mask, scale, out: pbs_attention(q, kv, mask, scale, out=out)  # noqa: E731
+
+    def prefill(q_len: int, n: int, cache: PagedKV = kv) -> None:
+        q = query(q_len)
+        mask = prefill_mask(q, cache, ChunkBatch([q_len], [n - q_len]), params, scale)
+        attend(q, cache, mask, scale, torch.empty_like(q))
+
     # A realistic chunk first: the attention kernel is tuned on its first call.
     chunk = min(4096, n_keys // 2)
-    pbs_prefill(query(chunk), kv, ChunkBatch([chunk], [n_keys - chunk]), params, scale)
+    prefill(chunk, n_keys)
     for n in lengths:
-        q_len = min(params.block_size, n)
-        pbs_prefill(query(q_len), kv, ChunkBatch([q_len], [n - q_len]), params, scale)
+        prefill(min(params.block_size, n), n)
     if params.permute:
         q_last = query(params.block_size)
         for split in _SPLITS:
@@ -90,7 +102,7 @@ def warm_up(
             key_importance(q_last, kv, 0, q_pos, n_keys // 2, scale, split_len=split)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    del kc, vc, kv
+    del prefill, kc, vc, kv
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return time.perf_counter() - t0

@@ -82,6 +82,12 @@ class PBSConfig(BaseModel):
         description="Compile and tune the PBS kernels for the model's shape at start-up (GPU), "
         "so no request pays Triton's JIT compiles; false = compile on first use.",
     )
+    attention_kernel: Literal["auto", "fa3", "triton"] = Field(
+        "auto",
+        description="Kernel that attends the PBS masks: fa3 (vLLM's FlashAttention-3 over a "
+        "block-ordered copy of the selected keys; Hopper), triton (portable), auto = fa3 "
+        "where it runs, else triton.",
+    )
 
     @field_validator("block_size")
     @classmethod
@@ -157,6 +163,7 @@ _ALLOWED = {
     "exact_last_block": "true or false",
     "stats_log_interval_s": "a number >= 0",
     "warmup": "true or false",
+    "attention_kernel": "'auto', 'fa3' or 'triton'",
 }
 
 
