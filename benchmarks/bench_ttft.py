@@ -37,6 +37,8 @@ CONFIGS: dict[str, tuple[str, dict | None]] = {
     "pbs-d10": ("pbs", {"max_density": 0.10, "tau": 1.0, **_PURE}),
     "pbs-d25": ("pbs", {"max_density": 0.25, "tau": 1.0, **_PURE}),
     "pbs-tau": ("pbs", {"tau": 0.9, **_PURE}),
+    # the same on the portable Triton kernel (on Hopper, pbs-tau attends through FA3)
+    "pbs-tau-triton": ("pbs", {"tau": 0.9, "attention_kernel": "triton", **_PURE}),
     "pbs-tau0.8": ("pbs", {"tau": 0.8, **_PURE}),
     "pbs-full": ("pbs", {"tau": 1.0, **_PURE}),
     "pbs-default": ("pbs", {}),

@@ -157,10 +157,11 @@ def test_decode_only_step_plans_no_prefill_runs(harness_factory, monkeypatch):
     )
 
 
-def _count_impl_calls(monkeypatch, name: str) -> list[int]:
-    """Counts the impl's calls of `name` (a function it imported, e.g. "pbs_attention")."""
+def _count_impl_calls(monkeypatch, name: str, module=None) -> list[int]:
+    """Counts the calls of `name`, a function the impl's module (or `module`) imported."""
     import pbs_vllm.backend.impl as impl
 
+    impl = module or impl
     calls = [0]
     real = getattr(impl, name)
 
@@ -174,7 +175,9 @@ def _count_impl_calls(monkeypatch, name: str) -> list[int]:
 
 def _count_pbs_attention(monkeypatch) -> list[int]:
     """Counts calls of the PBS attention kernel made by the impl."""
-    return _count_impl_calls(monkeypatch, "pbs_attention")
+    import pbs_vllm.backend.prefill_kernel as prefill_kernel  # attends the prefill masks
+
+    return _count_impl_calls(monkeypatch, "pbs_attention", prefill_kernel)
 
 
 PREFILLS = [Req(96, 80), Req(0, 70)]  # no decodes: a step that may switch to stock
