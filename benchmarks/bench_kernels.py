@@ -13,7 +13,7 @@ The kernel is autotuned once, on a 32K dense call, before the 8K correctness che
 --quick: 32K and 128K; cuDNN, Flex at 0.1, ours dense and at 0.05/0.1/0.25/1.0, estimate.
 --shape qwen: 14 query / 2 KV heads, head dim 64 (Qwen2.5-0.5B) instead of Llama-3.1-8B's.
 With vLLM's FA3 importable (Hopper) it also times `fa3_dense` (FA3 itself on the paged
-cache: the FLASH_ATTN kernel) and `pbsfa_<f>` / `pbsfa_dense_mask` (PBS through FA3,
+cache: the FLASH_ATTN kernel) and `pbsfa_<f>` (PBS through FA3,
 `pbs_vllm.kernels.varlen`, scratch copy and page tables included), and reports every
 method's throughput per computed block against fa3_dense (`x FA3 rate`).
 Results (bench_kernels.csv, bench_kernels.md) go to --out, or to $OUT when it is set.
@@ -286,9 +286,6 @@ def run_case(
         # The dense mask through the varlen route is one FA3 call on the paged cache.
         dense_fa = lambda: pbs_attention_varlen(inp.q, inp.kv, dense, D**-0.5, fa3)  # noqa: E731
         record("fa3_dense", bench(dense_fa), 1.0, dense_flops)
-        full = random_block_mask(case.batch, BLOCK, SEGMENT, HKV, 1.0, "cuda", seed=seed)
-        ms = bench(lambda: pbs_attention_varlen(inp.q, inp.kv, full, D**-0.5, fa3))
-        record("pbsfa_dense_mask", ms, 1.0, dense_flops)
     for frac in fractions:
         mask = random_block_mask(case.batch, BLOCK, SEGMENT, HKV, frac, "cuda", seed=seed)
         flops = 4 * D * (HQ // HKV) * attended_pairs(mask)
@@ -395,7 +392,7 @@ def markdown(rows: list[dict], header: str) -> str:
                     f"{r['tflops'] / cudnn['tflops']:.0%} ({r['tflops']:.0f} vs "
                     f"{cudnn['tflops']:.0f} TFLOP/s) |"
                 )
-        for method in ("pbsfa_dense_mask", "pbsfa_1", "pbsfa_0.1"):
+        for method in ("pbsfa_1", "pbsfa_0.1"):
             r = by.get((case, method))
             if r and r["rate_vs_fa3"]:
                 lines.append(

@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -254,8 +255,15 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         )
         if proc.returncode != 0:
             print(proc.stderr[-4000:], flush=True)
+        if args.out:  # the engine's PBS lines (kernel choice, warm-up, fallbacks) and errors
+            keep = [ln for ln in proc.stderr.splitlines() if _ENGINE_LOG.search(ln)]
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"engine-{name}.log").write_text("\n".join(keep[-400:]) + "\n")
         rows += got
     return rows
+
+
+_ENGINE_LOG = re.compile(r"PBS|pbs_vllm|Traceback|Error|error:")
 
 
 def report(rows: list[dict], configs: list[str], out: Path | None) -> str:
