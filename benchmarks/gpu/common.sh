@@ -1,3 +1,4 @@
+#!/usr/bin/env bash
 # Sourced by the session scripts: vLLM from /tmp/site (once staged), pbs-vllm installed
 # editable, pytest from the carried wheels in .whl/ if the GPU host lacks it.
 set -u

@@ -10,6 +10,17 @@
 #   yarn     TTFT 64K-127K with YaRN x4 (the first rep shows whether the warm-up worked)
 #   ruler    RULER-style suite (SETTINGS, LENGTHS, N)
 #   density  PBS density per layer and KV head at 8K-30K and a mask heatmap
+# Llama-3.1-8B shape with dummy weights (`llama` writes the model to /tmp/llama8b first):
+#   llama       the dummy 8B model folder (config + tokenizer, no weights)
+#   tests-all   every GPU test: kernels, bounded memory, backend, engine (needs llama)
+#   ttft-llama  TTFT to 256K (LENGTHS) of CONFIGS (default flash,pbs-d10,pbs-default), eager
+#   decode      decode throughput, FLASH_ATTN and the default config, two rounds
+#   profile     host and GPU profile of one layer call (profile_host.py) at four shapes
+#   sweep       launch-config sweep of the Triton attention and importance kernels
+# Others:
+#   accuracy    retrieval accuracy of the trained model per SETTING@SEGMENT in ACC_RUNS
+#   train       retrain the retrieval model in the background (a fresh machine)
+#   tp-ray      tensor parallel 2 under Ray, served (two GPUs, vLLM staged --with-ray)
 . benchmarks/gpu/common.sh
 MODEL=/tmp/qwen-hf
 gguf() {
@@ -52,7 +63,58 @@ for step in "$@"; do
     python3 benchmarks/bench_density.py --model $MODEL --lengths 8k,16k,30k --prompts-per-length 4 \
       --out "$RES/density" 2>&1 | tail -40
     ;;
-  *) echo "unknown step $step"; exit 2 ;;
+  llama)
+    make-dummy-llama /tmp/llama8b --layers 32 --hidden 4096 --heads 32 --kv-heads 8 \
+      --intermediate 14336 --vocab 128256 --max-len 270000 >/dev/null && ls /tmp/llama8b
+    ;;
+  tests-all)
+    timeout 500 python3 -m pytest -m gpu tests/kernels tests/reliability/test_bounded_memory.py \
+      tests/backend tests/engine -q -p no:cacheprovider >"$RES/gpu_tests.log" 2>&1
+    echo "gpu tests rc=$?" >>"$RES/gpu_tests.log"; tail -8 "$RES/gpu_tests.log"
+    ;;
+  ttft-llama)
+    python3 benchmarks/bench_ttft.py --model /tmp/llama8b --lengths ${LENGTHS:-8k,16k,32k,64k,128k,256k} \
+      --configs ${CONFIGS:-flash,pbs-d10,pbs-default} --reps 3 --eager ${TTFT_ARGS:-} \
+      --out "$RES/ttft-llama" 2>&1 | tee "$RES/ttft-llama.log" | tail -8
+    ;;
+  decode)
+    for round in 1 2; do
+      python3 benchmarks/bench_ttft.py --model /tmp/llama8b --lengths 8k --warmup-lengths 8k \
+        --configs flash,pbs-default --reps 5 --decode-tokens 256 --out "$RES/decode-$round" 2>&1 | tail -4
+    done
+    ;;
+  profile)
+    (cd benchmarks && for spec in "30k 16k 14 2 64" "128k 16k 14 2 64" "32k 16k 32 8 128"; do
+      set -- $spec
+      python3 profile_host.py --length $1 --chunk $2 --q-heads $3 --kv-heads $4 --head-dim $5 --rows 40 2>&1 | grep -v Warn
+    done) | tee "$RES/profile.txt" | grep "host"
+    ;;
+  sweep)
+    timeout 480 python3 benchmarks/sweep_configs.py --out "$RES/sweep" 2>&1 | grep -v '^{' | tail -40
+    python3 benchmarks/loop_ceiling.py 2>&1 | tail -9
+    ;;
+  accuracy)
+    for run in ${ACC_RUNS:-dense@512 pbs-0.9@512 pooled-0.9@256}; do
+      s=${run%@*}; seg=${run#*@}
+      OUT="$RES/acc-$s-s$seg" timeout 150 python3 -m benchmarks.bench_accuracy \
+        --lengths 4096,8192,16384 --num-prompts 50 --gpu-mem 0.3 --settings "$s" --segment "$seg" \
+        >"$RES/acc-$s-s$seg.log" 2>&1
+      echo "S=$seg $(grep -h "^| $s " "$RES/acc-$s-s$seg/bench_accuracy.md" || tail -3 "$RES/acc-$s-s$seg.log")"
+    done
+    ;;
+  train)
+    setsid nohup python3 -m training.train --out /tmp/retrieval-llama --minutes 7 \
+      >"$RES/train.log" 2>&1 </dev/null &
+    sleep 15; tail -2 "$RES/train.log"
+    ;;
+  tp-ray)
+    ray start --head --num-gpus 2 --disable-usage-stats >"$RES/ray.log" 2>&1
+    timeout 500 python3 benchmarks/check_served.py --model pbs_vllm/models/retrieval-llama \
+      --retrieval-prompts 16 --tokens 1 --startup-s 200 -- --tensor-parallel-size 2 \
+      --distributed-executor-backend ray --enforce-eager --gpu-memory-utilization 0.3 2>&1 | tee "$RES/tp.log"
+    cp /tmp/serve-*.log "$RES/" 2>/dev/null; ray stop >/dev/null 2>&1
+    ;;
+  *) echo "unknown step $step (see the head of benchmarks/gpu/run.sh)"; exit 2 ;;
   esac
   pack "$step"
 done
