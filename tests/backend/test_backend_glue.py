@@ -93,7 +93,9 @@ def test_backend_forwards_layout_and_sizes_to_the_stock_backend():
         stock.get_supported_kernel_block_sizes
     )
     if hasattr(stock, "supported_kv_cache_layouts"):  # vLLM >= 0.28; forwarded where it exists
-        assert PBSAttentionBackend.supported_kv_cache_layouts() == stock.supported_kv_cache_layouts()
+        assert (
+            PBSAttentionBackend.supported_kv_cache_layouts() == stock.supported_kv_cache_layouts()
+        )
     else:
         assert not hasattr(PBSAttentionBackend, "supported_kv_cache_layouts")
     assert PBSAttentionBackend.supports_head_size(80) == stock.supports_head_size(80)
