@@ -87,6 +87,17 @@ _PLAIN_ARGS = set(inspect.signature(impl_args).parameters) | {"sinks"}
 
 
 _WARMED_UP: set[tuple] = set()
+# PBS kernels that compile while serving, after the warm-up (armed by a successful one).
+_COMPILES = None
+
+
+def _compile_watch():
+    global _COMPILES
+    if _COMPILES is None:
+        from pbs_vllm.kernels.warmup import CompileWatch
+
+        _COMPILES = CompileWatch()
+    return _COMPILES
 
 
 def _warm_up_once(impl, dtype: torch.dtype, max_len: int, page_size: int) -> None:
@@ -120,6 +131,18 @@ def _warm_up_once(impl, dtype: torch.dtype, max_len: int, page_size: int) -> Non
     logger.info(
         f"PBS warm-up: kernels compiled for {shape} up to {max_len} tokens in {seconds:.1f} s"
     )
+    _compile_watch().arm()
+
+
+def _report_compiles(longest: int) -> None:
+    """Log the PBS kernels that compiled new variants while serving (after the warm-up)."""
+    grown = _compile_watch().check()
+    if grown:
+        names = ", ".join(f"{k} ({n} variants)" for k, n in sorted(grown.items()))
+        logger.warning(
+            f"PBS kernels compiled while serving, after the start-up warm-up (a prefill of "
+            f"{longest} tokens waited for them): {names}"
+        )
 
 
 class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
@@ -161,6 +184,7 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         # attend(q, kv, mask, scale, out): FA3 on Hopper, else Triton (chosen once, logged)
         self.attend = prefill_attention("triton" if self._on_cpu else config.attention_kernel)
         self._warmup = None  # (max_len, page_size) to compile the kernels for at load time
+        self._longest_seen = 0  # longest prefill so far: compiles come with new lengths
         max_len = getattr(vllm_config.model_config, "max_model_len", None)
         if config.warmup and max_len and not self._on_cpu and torch.cuda.is_available():
             page_size = getattr(vllm_config.cache_config, "block_size", None) or 16
@@ -224,6 +248,10 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
             self.stock.forward(layer, query, key, value, kv_cache, m.decode, output)
         for run, q, kv, mask in work:
             self.attend(q, kv, mask, self.scale, output[run.rows])
+        if m.longest_prefill > self._longest_seen:
+            self._longest_seen = m.longest_prefill
+            if _compile_watch().armed:
+                _report_compiles(m.longest_prefill)
         return output
 
     def _plan_prefills(self, layer, query, kv_cache, m: PBSAttentionMetadata) -> list[tuple]:

@@ -106,3 +106,49 @@ def warm_up(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return time.perf_counter() - t0
+
+
+_KERNEL_MODULES = ("attention", "importance", "block_pool", "permute", "selection", "varlen")
+
+
+def compiled_variants() -> dict[str, int]:
+    """Compiled variants per PBS Triton kernel in this process, by kernel name (kernels
+    not compiled yet, and everything under the Triton interpreter, are left out)."""
+    import importlib
+
+    out: dict[str, int] = {}
+    for mod_name in _KERNEL_MODULES:
+        mod = importlib.import_module(f"pbs_vllm.kernels.{mod_name}")
+        for name, fn in vars(mod).items():
+            caches = getattr(fn, "device_caches", None)
+            if name.startswith("_") and name.endswith("_kernel") and isinstance(caches, dict):
+                n = sum(len(c[0]) for c in caches.values() if c and isinstance(c[0], dict))
+                if n:
+                    out[name] = n
+    return out
+
+
+class CompileWatch:
+    """Notices PBS kernels compiling while serving, after the start-up warm-up: each such
+    compile made a request wait (seconds, on a GPU). `arm()` takes the post-warm-up
+    snapshot; `check()` returns the kernels with new variants since the last check
+    (empty when unarmed or nothing changed). `counts` is injectable for tests."""
+
+    def __init__(self, counts=compiled_variants) -> None:
+        self._counts = counts
+        self._last: dict[str, int] | None = None
+
+    def arm(self) -> None:
+        self._last = self._counts()
+
+    @property
+    def armed(self) -> bool:
+        return self._last is not None
+
+    def check(self) -> dict[str, int]:
+        if self._last is None:
+            return {}
+        now = self._counts()
+        grown = {k: n for k, n in now.items() if n > self._last.get(k, 0)}
+        self._last = now
+        return grown

@@ -49,3 +49,47 @@ def test_warm_up_runs_on_a_small_shape(device):
     dtype = torch.float16 if device == "cuda" else torch.float32
     seconds = warm_up(4, 2, 16, dtype, device, params, page_size=16, max_len=300)
     assert seconds > 0
+
+
+def test_compile_watch_reports_only_kernels_that_grew_after_arming():
+    from pbs_vllm.kernels.warmup import CompileWatch
+
+    counts = {"_select_kernel": 3, "_gather_kernel": 1}
+    watch = CompileWatch(counts=lambda: dict(counts))
+    assert not watch.armed and watch.check() == {}
+    watch.arm()
+    assert watch.check() == {}
+    counts["_select_kernel"] = 4
+    counts["_page_table_kernel"] = 1
+    assert watch.check() == {"_select_kernel": 4, "_page_table_kernel": 1}
+    assert watch.check() == {}  # reported once
+
+
+def test_compiled_variants_names_pbs_kernels_only():
+    from pbs_vllm.kernels.warmup import compiled_variants
+
+    counts = compiled_variants()  # empty under the interpreter, per kernel on a GPU
+    assert all(k.startswith("_") and k.endswith("_kernel") and n > 0 for k, n in counts.items())
+
+
+@pytest.mark.gpu
+def test_gpu_warm_up_leaves_nothing_to_compile_for_a_new_length():
+    """After the warm-up for 8K, a 7K prefill (new length, new chunk shape) compiles no
+    PBS kernel variant: what the serving path's CompileWatch checks."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
+    from pbs_vllm.kernels.prefill import pbs_prefill
+    from pbs_vllm.kernels.warmup import CompileWatch, warm_up
+
+    params = SparsityParams()
+    warm_up(14, 2, 64, torch.bfloat16, "cuda", params, 16, 8192)
+    watch = CompileWatch()
+    watch.arm()
+    n, q_len = 7000, 3000
+    kc, vc = torch.randn(2, -(-n // 16), 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+    kv = PagedKV(kc, vc, torch.arange(kc.shape[0], dtype=torch.int32, device="cuda")[None])
+    q = torch.randn(q_len, 14, 64, device="cuda", dtype=torch.bfloat16)
+    pbs_prefill(q, kv, ChunkBatch([q_len], [n - q_len]), params, 0.125)
+    torch.cuda.synchronize()
+    assert watch.check() == {}
