@@ -91,12 +91,19 @@ class Inputs:
     kv: PagedKV
 
 
-def make_inputs(case: Case, seed: int) -> Inputs:
-    """Random q/k/v; the paged cache holds the keys in shuffled pages."""
+def make_inputs(case: Case, seed: int, structured: bool = False) -> Inputs:
+    """Random q/k/v (or `pbs_vllm.testing.structured_qkv`: sink, local window, scattered
+    heavy keys); the paged cache holds the keys in shuffled pages."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     n = case.ctx + case.q_len
-    q = torch.randn(case.q_len, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
-    k, v = (torch.randn(n, HKV, D, device="cuda", dtype=DTYPE, generator=gen) for _ in "kv")
+    if structured:
+        from pbs_vllm.testing import structured_qkv
+
+        q, k, v = structured_qkv(n, HQ, HKV, D, generator=gen, device="cuda", dtype=DTYPE)
+        q = q[case.ctx :].contiguous()
+    else:
+        q = torch.randn(case.q_len, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
+        k, v = (torch.randn(n, HKV, D, device="cuda", dtype=DTYPE, generator=gen) for _ in "kv")
     pages = -(-n // PAGE)
     order = torch.randperm(pages, device="cuda", generator=gen)
     caches = []
@@ -245,7 +252,13 @@ SDPA_BACKENDS = {
 
 
 def run_case(
-    case: Case, fractions, flex_fractions, sdpa: list[str], seed: int, rows: list[dict]
+    case: Case,
+    fractions,
+    flex_fractions,
+    sdpa: list[str],
+    seed: int,
+    rows: list[dict],
+    structured: bool = False,
 ) -> None:
     """Time every method on one case; flex_fractions empty skips FlexAttention."""
     inp = make_inputs(case, seed)
@@ -305,6 +318,52 @@ def run_case(
         build_rows = lambda: (mask.plans.pop("rows"), attention_mod._row_table(mask, inp.kv))
         record("row_table", bench(build_rows), mask.density(), None)
     run_estimator(case, inp, rows)
+    if structured and fa3 is not None:
+        run_structured(case, seed, fa3, rows)
+
+
+def run_structured(case: Case, seed: int, fa3, rows: list[dict]) -> None:
+    """Estimation + attention through FA3 at the default settings (tau 0.9) on structured
+    attention (`structured_qkv`), against fa3_dense on the same inputs."""
+    from pbs_vllm.kernels.estimate import build_block_mask
+    from pbs_vllm.kernels.varlen import pbs_attention_varlen
+
+    inp = make_inputs(case, seed, structured=True)
+    params, scale = SparsityParams(segment_size=SEGMENT), D**-0.5
+    dense = dense_block_mask(case.batch, BLOCK, HKV, "cuda")
+    dense_flops = 4 * D * (HQ // HKV) * attended_pairs(dense)
+
+    def total():
+        mask = build_block_mask(inp.q, inp.kv, case.batch, params, scale)
+        return pbs_attention_varlen(inp.q, inp.kv, mask, scale, fa3)
+
+    mask = build_block_mask(inp.q, inp.kv, case.batch, params, scale)
+    flops = 4 * D * (HQ // HKV) * attended_pairs(mask)
+    for method, fn, fl in (
+        (
+            "structured_fa3_dense",
+            lambda: pbs_attention_varlen(inp.q, inp.kv, dense, scale, fa3),
+            dense_flops,
+        ),
+        (
+            "structured_estimate",
+            lambda: build_block_mask(inp.q, inp.kv, case.batch, params, scale),
+            None,
+        ),
+        ("structured_pbsfa_total", total, flops),
+    ):
+        ms = bench(fn)
+        rows.append(
+            dict(
+                case=case.name,
+                ctx=case.ctx,
+                q_len=case.q_len,
+                method=method,
+                density=round(mask.density(), 4),
+                ms=ms,
+                tflops=fl / ms / 1e9 if fl else None,
+            )
+        )
 
 
 def run_estimator(case: Case, inp: Inputs, rows: list[dict]) -> None:
@@ -401,6 +460,12 @@ def markdown(rows: list[dict], header: str) -> str:
         r = by.get((case, "pbsfa_0.1"))
         if r and r["speedup_vs_cudnn"]:
             lines.append(f"| {case} | pbsfa_0.1 >= 10x cuDNN | {r['speedup_vs_cudnn']:.2f}x |")
+        r = by.get((case, "structured_pbsfa_total"))
+        if r and r["speedup_vs_cudnn"]:
+            lines.append(
+                f"| {case} | structured, estimation + attention >= 1.15x (32K) / 1.25x (64K) "
+                f"cuDNN | {r['speedup_vs_cudnn']:.2f}x at density {r['density']:.2f} |"
+            )
         r = by.get((case, "pbs_0.1"))
         if r and r["speedup_vs_cudnn"]:
             lines.append(f"| {case} | pbs_0.1 >= 7x cuDNN | {r['speedup_vs_cudnn']:.2f}x |")
@@ -453,6 +518,12 @@ def main() -> None:
         "estimate (overrides --sizes/--fractions/--flex-*/--sdpa, implies --no-chunk)",
     )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama")
+    parser.add_argument(
+        "--structured",
+        action="store_true",
+        help="also time estimation + FA3 attention at tau 0.9 on structured attention "
+        "(pbs_vllm.testing.structured_qkv) against FA3 on the same inputs",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory (default $OUT)")
     args = parser.parse_args()
@@ -477,7 +548,7 @@ def main() -> None:
     rows: list[dict] = []
     for case in cases:
         flex = set(args.flex_fractions) if case.q_len in args.flex_sizes and not case.ctx else set()
-        run_case(case, args.fractions, flex, args.sdpa, args.seed, rows)
+        run_case(case, args.fractions, flex, args.sdpa, args.seed, rows, args.structured)
         torch.cuda.empty_cache()
     add_speedups(rows)
     print_table(rows)

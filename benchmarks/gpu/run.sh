@@ -4,6 +4,8 @@
 #   tests    the GPU tests of the kernels (FA3 path, Triton kernel, estimation)
 #   kernels  bench_kernels.py at the Qwen2.5-0.5B shape (14 q / 2 KV heads, d 64) and the
 #            Llama-3.1-8B shape (32 / 8, d 128): FA3 dense, PBS through FA3 and Triton, cuDNN
+#   structured  estimation + FA3 attention at tau 0.9 on structured attention (sink, local
+#            window, scattered heavy keys) against FA3 and cuDNN at 32K / 64K, both shapes
 #   prep     the real model (Qwen2.5-Coder-0.5B-Instruct) from its GGUF in /tmp/qwen05 (carried
 #            as qwen05-NN parts, docs/models.md) into /tmp/qwen-hf; one layer's chunk benchmark
 #   native   TTFT 8K-30K on code prompts (CONFIGS), FLASH_ATTN beside every PBS config
@@ -36,6 +38,12 @@ for step in "$@"; do
     for shape in qwen llama; do
       python3 benchmarks/bench_kernels.py --shape $shape --sizes 32768 131072 --fractions 0.1 0.25 0.5 1.0 \
         --flex-fractions --sdpa sdpa_cudnn ${KERNEL_ARGS:-} --out "$RES" 2>&1 | grep -v Warn | tail -40
+    done
+    ;;
+  structured)
+    for shape in llama qwen; do
+      python3 benchmarks/bench_kernels.py --shape $shape --sizes 32768 65536 --fractions 0.1 --no-chunk \
+        --flex-fractions --sdpa sdpa_cudnn --structured --out "$RES/structured" 2>&1 | grep -E "structured|target|x cuDNN" | tail -12
     done
     ;;
   prep)
