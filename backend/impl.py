@@ -182,7 +182,8 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         self.routing = LayerRouting(config.dense_above, config.dense_hold_steps)
         self._on_cpu = stock_backend().get_name() == "CPU_ATTN"
         # attend(q, kv, mask, scale, out): FA3 on Hopper, else Triton (chosen once, logged)
-        self.attend = prefill_attention("triton" if self._on_cpu else config.attention_kernel)
+        kernel = config.attention_kernel
+        self.attend = prefill_attention("triton" if self._on_cpu and kernel == "auto" else kernel)
         self._warmup = None  # (max_len, page_size) to compile the kernels for at load time
         self._longest_seen = 0  # longest prefill so far: compiles come with new lengths
         max_len = getattr(vllm_config.model_config, "max_model_len", None)

@@ -71,3 +71,10 @@ def test_fa3_path_runs_the_varlen_route():
     out = attend(q, kv, mask, 0.25, torch.empty_like(q))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert prefill_kernel.fa3_unavailable_reason() == "no CUDA device"
+
+
+def test_impl_on_cpu_attends_with_triton_and_refuses_fa3(harness_factory):
+    h = harness_factory({"block_size": 16, "segment_size": 32})
+    assert h.impl.attend.kernel == "triton"
+    with pytest.raises(ValueError, match="attention_kernel='fa3' cannot run here"):
+        harness_factory({"block_size": 16, "segment_size": 32, "attention_kernel": "fa3"})
