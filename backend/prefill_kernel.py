@@ -19,6 +19,7 @@ import torch
 
 from pbs_vllm.backend.log import get_logger
 from pbs_vllm.kernels import PagedKV, PBSBlockMask, pbs_attention
+from pbs_vllm.kernels.varlen import pbs_attention_varlen
 
 logger = get_logger(__name__)
 
@@ -56,8 +57,6 @@ class PrefillAttention:
         self, q: torch.Tensor, kv: PagedKV, mask: PBSBlockMask, scale: float, out: torch.Tensor
     ) -> torch.Tensor:
         if self._varlen is not None:
-            from pbs_vllm.kernels.varlen import pbs_attention_varlen
-
             try:
                 return pbs_attention_varlen(q, kv, mask, scale, self._varlen, out=out)
             except RuntimeError as e:  # FA3's input checks raise before any launch

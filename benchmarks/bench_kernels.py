@@ -192,6 +192,19 @@ def flex_fn(inp: Inputs, mask: PBSBlockMask, case: Case):
     return lambda: compiled(q, k, v, block_mask=block_mask, scale=D**-0.5, enable_gqa=True)
 
 
+def result_row(case: Case, method: str, density: float, ms: float, flops: int | None) -> dict:
+    """One results row: TFLOP/s from the attended (query, key) pairs' flops, if any."""
+    return dict(
+        case=case.name,
+        ctx=case.ctx,
+        q_len=case.q_len,
+        method=method,
+        density=round(density, 4),
+        ms=ms,
+        tflops=flops / ms / 1e9 if flops and ms else None,
+    )
+
+
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
@@ -266,17 +279,7 @@ def run_case(
     dense_flops = 4 * D * (HQ // HKV) * attended_pairs(dense)
 
     def record(method, ms, density, flops):
-        rows.append(
-            dict(
-                case=case.name,
-                ctx=case.ctx,
-                q_len=case.q_len,
-                method=method,
-                density=round(density, 4),
-                ms=ms,
-                tflops=flops / ms / 1e9 if flops and ms else None,
-            )
-        )
+        rows.append(result_row(case, method, density, ms, flops))
 
     for name in sdpa:
         backend = SDPA_BACKENDS[name]
@@ -339,31 +342,15 @@ def run_structured(case: Case, seed: int, fa3, rows: list[dict]) -> None:
 
     mask = build_block_mask(inp.q, inp.kv, case.batch, params, scale)
     flops = 4 * D * (HQ // HKV) * attended_pairs(mask)
-    for method, fn, fl in (
-        (
-            "structured_fa3_dense",
-            lambda: pbs_attention_varlen(inp.q, inp.kv, dense, scale, fa3),
-            dense_flops,
-        ),
-        (
-            "structured_estimate",
-            lambda: build_block_mask(inp.q, inp.kv, case.batch, params, scale),
-            None,
-        ),
-        ("structured_pbsfa_total", total, flops),
+    dense_fa = lambda: pbs_attention_varlen(inp.q, inp.kv, dense, scale, fa3)  # noqa: E731
+    estimate = lambda: build_block_mask(inp.q, inp.kv, case.batch, params, scale)  # noqa: E731
+    density = mask.density()
+    for method, fn, d, fl in (
+        ("structured_fa3_dense", dense_fa, 1.0, dense_flops),
+        ("structured_estimate", estimate, density, None),
+        ("structured_pbsfa_total", total, density, flops),
     ):
-        ms = bench(fn)
-        rows.append(
-            dict(
-                case=case.name,
-                ctx=case.ctx,
-                q_len=case.q_len,
-                method=method,
-                density=round(mask.density(), 4),
-                ms=ms,
-                tflops=fl / ms / 1e9 if fl else None,
-            )
-        )
+        rows.append(result_row(case, method, d, bench(fn), fl))
 
 
 def run_estimator(case: Case, inp: Inputs, rows: list[dict]) -> None:
@@ -381,19 +368,8 @@ def run_estimator(case: Case, inp: Inputs, rows: list[dict]) -> None:
     mask = fn()
     torch.cuda.synchronize()
     peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-    ms = bench(fn)
-    rows.append(
-        dict(
-            case=case.name,
-            ctx=case.ctx,
-            q_len=case.q_len,
-            method="estimate",
-            density=round(mask.density(), 4),
-            ms=ms,
-            tflops=None,
-            peak_extra_mib=round(peak_mib, 1),
-        )
-    )
+    row = result_row(case, "estimate", mask.density(), bench(fn), None)
+    rows.append({**row, "peak_extra_mib": round(peak_mib, 1)})
 
 
 def add_speedups(rows: list[dict]) -> None:

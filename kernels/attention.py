@@ -409,6 +409,19 @@ def _check_inputs(
         )
 
 
+def _checked_outputs(
+    q: torch.Tensor, kv: PagedKV, mask: PBSBlockMask, out: torch.Tensor | None, return_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate the inputs of a PBS attention call; return (out, allocated when None, and
+    the [Hq, T] float32 LSE buffer when return_lse, else None)."""
+    _check_inputs(q, kv, mask, out)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if not return_lse:
+        return out, None
+    return out, torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+
+
 def pbs_attention(
     q: torch.Tensor,
     kv: PagedKV,
@@ -449,13 +462,11 @@ def _pbs_attention(
     """`pbs_attention` without the profiler range. block_m (rows per query tile) and an
     explicit launch config (BLOCK_N, warps, stages; skips the autotuner) are for the
     configuration sweep of benchmarks/sweep_configs.py."""
-    _check_inputs(q, kv, mask, out)
+    out, lse = _checked_outputs(q, kv, mask, out, return_lse)
     t, hq, d = q.shape
     hkv = kv.num_kv_heads
     group = hq // hkv
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(hq, t, dtype=torch.float32, device=q.device) if return_lse else out
+    lse = out if lse is None else lse  # the kernel's LSE pointer must be valid when unused
     block_m = block_m or _block_m(d, q.dtype, mask.block_size * group)
     tiles = _tile_table(mask, group, block_m)
     qb = mask.qblocks

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch.profiler import record_function
 
-from pbs_vllm.kernels.attention import _check_inputs, _row_table
+from pbs_vllm.kernels.attention import _checked_outputs, _row_table
 from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks, row_table_key
 from pbs_vllm.kernels.cpu import use_torch_kernels
 from pbs_vllm.kernels.paged import PagedKV, upload
@@ -287,14 +287,10 @@ def pbs_attention_varlen(
     [total_q, H, D] (any row / head strides), paged k, v [pages, page_size, H_kv, D].
     """
     with record_function("pbs_attention"):
-        _check_inputs(q, kv, mask, out)
-        t, hq, d = q.shape
-        hkv = kv.num_kv_heads
-        group = hq // hkv
-        if out is None:
-            out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty(hq, t, dtype=torch.float32, device=q.device) if return_lse else None
-        if mask.perm.shape[1] == 0 and not bool(mask.segment_size):
+        out, lse = _checked_outputs(q, kv, mask, out, return_lse)
+        d, hkv = q.shape[2], kv.num_kv_heads
+        group = q.shape[1] // hkv
+        if mask.segment_size == 0 and mask.perm.shape[1] == 0:  # the dense mask
             _dense(q, kv, mask, scale, varlen_fn, out, lse)
             return (out, lse) if return_lse else out
         plan = VarlenPlan.of(mask)
