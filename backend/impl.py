@@ -29,6 +29,7 @@ from pbs_vllm.backend.stats import STATS
 from pbs_vllm.backend.stock import CPU_VIEWABLE_ISAS, paged_kv, stock_backend
 from pbs_vllm.config import get_pbs_config
 from pbs_vllm.kernels import PagedKV, prefill_mask
+from pbs_vllm.kernels.graphs import GraphCaptureError, StepGraphs
 
 logger = get_logger(__name__)
 
@@ -145,6 +146,25 @@ def _report_compiles(longest: int) -> None:
         )
 
 
+# Process-wide state of the step graphs: after _MAX_CAPTURE_FAILURES failed captures
+# they are off for good.
+_GRAPHS = {"ok": True, "failures": 0}
+_MAX_CAPTURE_FAILURES = 3
+
+
+def _graphs_failed(m: PBSAttentionMetadata, error: Exception) -> None:
+    """A capture failed: the rest of this step launches eagerly (one log line), and after
+    a few such failures every later step too."""
+    m.graphs_eligible = False
+    _GRAPHS["failures"] += 1
+    off = _GRAPHS["failures"] >= _MAX_CAPTURE_FAILURES
+    _GRAPHS["ok"] = not off
+    logger.warning(
+        f"PBS prefill: CUDA graph capture failed ({error}); this step launches its kernels "
+        "eagerly" + ("; cuda_graphs off for this process" if off else "")
+    )
+
+
 class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
     """Routes a layer's decode rows to the stock impl and its prefill rows to PBS.
 
@@ -237,7 +257,11 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
             # A recent step of this layer, with sequences at least as long, was too dense.
             metrics.record_fallback("dense_held")
             return self.stock.forward(layer, query, key, value, kv_cache, m.stock_all, output)
-        work = self._plan_prefills(layer, query, kv_cache, m) if m.prefill_runs else []
+        graphs = self._step_graphs(m, query)
+        work = self._estimate_graphed(graphs, query, kv_cache, m) if graphs else None
+        if work is None:
+            graphs = None
+            work = self._plan_prefills(layer, query, kv_cache, m) if m.prefill_runs else []
         densities = self._densities(work, step, getattr(layer, "layer_name", None))
         if self.routing.switch(step, densities):
             # Every prefill mask of this layer keeps >= dense_above of its blocks: the stock
@@ -247,13 +271,80 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         if m.decode is not None:
             # The stock impl reads rows [0, m.decode.num_actual_tokens): the decodes.
             self.stock.forward(layer, query, key, value, kv_cache, m.decode, output)
-        for run, q, kv, mask in work:
-            self.attend(q, kv, mask, self.scale, output[run.rows])
+        if graphs is None or not self._attend_graphed(graphs, work, m, output):
+            if graphs is not None:  # the attention capture failed: estimate eagerly too
+                work = self._plan_prefills(layer, query, kv_cache, m)
+            for run, q, kv, mask in work:
+                self.attend(q, kv, mask, self.scale, output[run.rows])
         if m.longest_prefill > self._longest_seen:
             self._longest_seen = m.longest_prefill
             if _compile_watch().armed:
                 _report_compiles(m.longest_prefill)
         return output
+
+    def _step_graphs(self, m: PBSAttentionMetadata, query: torch.Tensor) -> StepGraphs | None:
+        """The step's CUDA graphs (created by its first layer), or None: the step is not
+        eligible (see the builder), graphs are off or failed, or FA3 is not attending."""
+        if not m.graphs_eligible or not _GRAPHS["ok"] or self.attend.kernel != "fa3":
+            return None
+        if m.graphs is None:
+            rows = m.prefill_rows
+            m.graphs = StepGraphs(
+                rows.stop - rows.start, self.num_heads, self.head_size, query.dtype, query.device
+            )
+            m.graphs.owner = (self.scale, self.params)
+        # a layer whose launches differ from the captured ones (another scale) runs eagerly
+        return m.graphs if m.graphs.owner == (self.scale, self.params) else None
+
+    def _estimate_graphed(self, graphs: StepGraphs, query, kv_cache, m) -> list[tuple] | None:
+        """Estimation by graph replay (captured at the step's first layer); None where this
+        layer's cache cannot stand in for the captured one, or the capture failed."""
+        rows = m.prefill_rows
+        cache = paged_kv(kv_cache, m.block_table, None)
+        if not graphs.bind(query[rows], cache.key_cache, cache.value_cache):
+            return None
+        if not graphs.captured("estimate"):
+
+            def estimate() -> list[tuple]:
+                work = []
+                for run in m.prefill_runs:
+                    kv = PagedKV(
+                        graphs.key_cache,
+                        graphs.value_cache,
+                        m.block_table[run.reqs],
+                        graphs.offset,
+                    )
+                    q = graphs.q[run.rows.start - rows.start : run.rows.stop - rows.start]
+                    mask = prefill_mask(q, kv, run.batch, self.params, self.scale)
+                    work.append((run, q, kv, mask))
+                return work
+
+            try:
+                graphs.capture("estimate", estimate)
+            except GraphCaptureError as e:
+                _graphs_failed(m, e)
+                return None
+        return graphs.replay("estimate")
+
+    def _attend_graphed(self, graphs: StepGraphs, work, m, output) -> bool:
+        """Attention by graph replay into the static output, copied to `output`'s prefill
+        rows; False (nothing written) if the capture failed."""
+        rows = m.prefill_rows
+        if not graphs.captured("attend"):
+
+            def attend() -> None:
+                for run, q, kv, mask in work:
+                    out = graphs.out[run.rows.start - rows.start : run.rows.stop - rows.start]
+                    self.attend(q, kv, mask, self.scale, out)
+
+            try:
+                graphs.capture("attend", attend)
+            except GraphCaptureError as e:
+                _graphs_failed(m, e)
+                return False
+        graphs.replay("attend")
+        output[rows].copy_(graphs.out)
+        return True
 
     def _plan_prefills(self, layer, query, kv_cache, m: PBSAttentionMetadata) -> list[tuple]:
         """(run, q [T_run, Hq, D], PagedKV, mask) of every prefill run: estimation only."""

@@ -34,6 +34,7 @@ from pbs_vllm.backend.stats import STATS
 from pbs_vllm.backend.stock import stock_backend
 from pbs_vllm.config import get_pbs_config
 from pbs_vllm.kernels import ChunkBatch
+from pbs_vllm.kernels.plan import has_permuted_region, plan_step
 
 logger = get_logger(__name__)
 
@@ -57,7 +58,13 @@ class PBSAttentionMetadata:
     """decode: stock metadata of rows [0, num_decode_tokens) (None without decodes);
     block_table: [num_reqs, max_pages] int32 (device); prefill_runs: the prefill rows;
     stock_all: stock metadata of the whole step, for layers whose masks come out dense
-    (None when `dense_above` is off, or the step has decodes or no sparse run)."""
+    (None when `dense_above` is off, or the step has decodes or no sparse run).
+
+      rows of the step's q / output [T, Hq, D]:
+        [0, num_decode_tokens)        decodes: stock impl (metadata `decode`)
+        prefill_rows                  prefill runs, in order; each run's device plans are
+                                      built here (`plan_step`), before any layer runs
+    """
 
     num_actual_tokens: int
     num_decode_tokens: int
@@ -65,6 +72,15 @@ class PBSAttentionMetadata:
     block_table: torch.Tensor
     prefill_runs: list[PrefillRun]
     stock_all: Any = None
+    # CUDA graphs of the step's PBS work (`pbs_vllm.kernels.graphs`): whether the step can
+    # have them (builder), and the StepGraphs the first layer creates (shared by the layers).
+    graphs_eligible: bool = False
+    graphs: Any = None
+
+    @cached_property
+    def prefill_rows(self) -> slice:
+        """The step's prefill query rows (its runs are consecutive, after the decodes)."""
+        return slice(self.prefill_runs[0].rows.start, self.prefill_runs[-1].rows.stop)
 
     @cached_property
     def longest_prefill(self) -> int:
@@ -124,6 +140,15 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
         config = get_pbs_config(vllm_config)
         self.dense_below = config.dense_fallback_len
         self.dense_above = config.dense_above
+        self.params = config.sparsity_params()
+        # The attention route whose device plans the builder makes (None on the CPU, whose
+        # PyTorch kernels need none); CUDA graphs only with the FA3 route.
+        self.route = None
+        if torch.device(device).type == "cuda":
+            from pbs_vllm.backend.prefill_kernel import prefill_attention
+
+            self.route = prefill_attention(config.attention_kernel).kernel
+        self.cuda_graphs = config.cuda_graphs and self.route == "fa3"
         STATS.configure(config.stats_log_interval_s)
         self.stock = stock_backend().get_builder_cls()(
             kv_cache_spec, layer_names, vllm_config, device
@@ -192,6 +217,7 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
                 block_table=common.block_table_tensor,
                 prefill_runs=runs,
                 stock_all=stock_all,
+                graphs_eligible=self._plan(runs),
             )
         tokens = {True: 0, False: 0}
         short = 0
@@ -203,6 +229,19 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
             metrics.record_fallback("short_prompt", short)
         STATS.maybe_log()
         return metadata
+
+    def _plan(self, runs: list[PrefillRun]) -> bool:
+        """Build the sparse runs' device plans; True if the step's PBS work can be
+        captured as CUDA graphs (every run sparse with a permuted region: a dense mask
+        attends straight from one layer's cache, which a graph cannot replay elsewhere)."""
+        if self.route is None:
+            return False
+        for run in runs:
+            if not run.dense:
+                plan_step(run.batch, self.params, self.device, self.route)
+        return self.cuda_graphs and all(
+            not run.dense and has_permuted_region(run.batch, self.params) for run in runs
+        )
 
     def _wrap_decodes(self, common: CommonAttentionMetadata, decode) -> PBSAttentionMetadata:
         return PBSAttentionMetadata(

@@ -38,6 +38,8 @@ CONFIGS: dict[str, tuple[str, dict | None]] = {
     "pbs-d10": ("pbs", {"max_density": 0.10, "tau": 1.0, **_PURE}),
     "pbs-d25": ("pbs", {"max_density": 0.25, "tau": 1.0, **_PURE}),
     "pbs-tau": ("pbs", {"tau": 0.9, **_PURE}),
+    # the same launching every kernel eagerly (no step graphs)
+    "pbs-tau-eager": ("pbs", {"tau": 0.9, "cuda_graphs": False, **_PURE}),
     # the same on the portable Triton kernel (on Hopper, pbs-tau attends through FA3)
     "pbs-tau-triton": ("pbs", {"tau": 0.9, "attention_kernel": "triton", **_PURE}),
     "pbs-tau0.8": ("pbs", {"tau": 0.8, **_PURE}),
@@ -45,6 +47,7 @@ CONFIGS: dict[str, tuple[str, dict | None]] = {
     "pbs-default": ("pbs", {}),
     # the default with sparse prefill from 16K on (a candidate default for real models)
     "pbs-default-16k": ("pbs", {"dense_fallback_len": 16384}),
+    "pbs-default-8k": ("pbs", {"dense_fallback_len": 8192}),
 }
 
 

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch.profiler import record_function
 
 from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks, row_table_key
-from pbs_vllm.kernels.paged import PagedKV, upload
+from pbs_vllm.kernels.paged import PagedKV, refuse_cache_offset, upload
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -443,6 +443,7 @@ def pbs_attention(
     """
     from pbs_vllm.kernels.cpu import pbs_attention_torch, use_torch_kernels
 
+    refuse_cache_offset(kv, "the Triton attention kernel")
     with record_function("pbs_attention"):
         if use_torch_kernels(q):  # CPU tensors: vectorized PyTorch (PBS_VLLM_CPU_KERNELS)
             return pbs_attention_torch(q, kv, mask, scale, out, return_lse)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from pbs_vllm.kernels.block_mask import QueryBlocks
-from pbs_vllm.kernels.paged import PagedKV
+from pbs_vllm.kernels.paged import PagedKV, cache_offsets
 from pbs_vllm.kernels.paged_tiles import load_paged_keys
 
 
@@ -67,6 +67,7 @@ def _pool_query_blocks_kernel(
 @triton.jit(do_not_specialize=["stride_ph", "stride_oh"])
 def _pool_key_blocks_kernel(
     k_ptr,
+    k_off_ptr,
     bt_row_ptr,
     perm_ptr,
     out_ptr,
@@ -85,6 +86,7 @@ def _pool_key_blocks_kernel(
     BLOCK_D: tl.constexpr,
 ):
     blk, head = tl.program_id(0), tl.program_id(1)
+    k_ptr += tl.load(k_off_ptr)  # PagedKV.cache_offset
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     acc = tl.zeros([STRIDE, BLOCK_D], tl.float32)
@@ -161,6 +163,7 @@ def pool_key_blocks(
         kc = kv.key_cache
         _pool_key_blocks_kernel[(n // block_size, hkv)](
             kc,
+            cache_offsets(kv),
             kv.block_table[seq],
             perm,
             out,

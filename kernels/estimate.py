@@ -19,7 +19,7 @@ from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks, row_table_key
 from pbs_vllm.kernels.block_pool import pool_key_blocks, pool_query_blocks
 from pbs_vllm.kernels.importance import key_importance
 from pbs_vllm.kernels.inputs import check_prefill_inputs, permuted_region_lengths
-from pbs_vllm.kernels.paged import ChunkBatch, PagedKV, upload
+from pbs_vllm.kernels.paged import ChunkBatch, PagedKV, refuse_cache_offset, upload
 from pbs_vllm.kernels.params import SparsityParams
 from pbs_vllm.kernels.permute import permute_region
 from pbs_vllm.kernels.selection import density_cap, select_into
@@ -104,6 +104,7 @@ def build_block_mask(
     from pbs_vllm.kernels.cpu import build_block_mask_torch, use_torch_kernels
 
     if use_torch_kernels(q):  # CPU tensors: vectorized PyTorch (PBS_VLLM_CPU_KERNELS)
+        refuse_cache_offset(kv, "the PyTorch estimation")
         return build_block_mask_torch(q, kv, batch, params, scale)
     check_prefill_inputs(q, kv, batch)
     bs, ss, hkv, dev = params.block_size, params.segment_size, kv.num_kv_heads, q.device

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pbs_vllm.kernels.paged import PagedKV
+from pbs_vllm.kernels.paged import PagedKV, cache_offsets
 from pbs_vllm.kernels.paged_tiles import load_paged_keys
 
 _LOG2E = 1.4426950408889634
@@ -40,6 +40,7 @@ def _load_query_rows(q_ptr, rows, row_ok, head0, d, d_ok, stride_qt, stride_qh, 
 def _row_lse_kernel(
     q_ptr,
     k_ptr,
+    k_off_ptr,
     bt_row_ptr,
     lse_ptr,
     stride_qt,
@@ -65,6 +66,7 @@ def _row_lse_kernel(
 ):
     """Partial LSE of rows [pid_m*BLOCK_M, +BLOCK_M) over keys of split `pid_s` (-inf if none)."""
     pid_m, head, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    k_ptr += tl.load(k_off_ptr)  # PagedKV.cache_offset (0 unless replayed over another layer)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     pos = q_pos + rows // GROUP
@@ -121,6 +123,7 @@ def _row_lse_kernel(
 def _key_mass_kernel(
     q_ptr,
     k_ptr,
+    k_off_ptr,
     bt_row_ptr,
     lse_ptr,
     out_ptr,
@@ -151,6 +154,7 @@ def _key_mass_kernel(
     """out[head, key] = mean over rows of exp(s - lse) (0 where key > the row's position);
     each row's lse is the log-sum-exp of its n_splits partial LSEs (natural log units)."""
     pid_n, head = tl.program_id(0), tl.program_id(1)
+    k_ptr += tl.load(k_off_ptr)  # PagedKV.cache_offset
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < n_keys
     d = tl.arange(0, BLOCK_D)
@@ -254,7 +258,7 @@ def key_importance(
         return out
     n_splits = triton.cdiv(q_pos + nq, split_len)
     lse_parts = torch.empty(n_splits, hkv, n_rows, dtype=torch.float32, device=q_last.device)
-    kc, bt_row = kv.key_cache, kv.block_table[seq]
+    kc, bt_row, off = kv.key_cache, kv.block_table[seq], cache_offsets(kv)
     common = dict(
         GROUP=group,
         PAGE=kv.page_size,
@@ -269,6 +273,7 @@ def key_importance(
     _row_lse_kernel[(triton.cdiv(n_rows, block_m), hkv, n_splits)](
         q_last,
         kc,
+        off,
         bt_row,
         lse_parts,
         *q_last.stride(),
@@ -284,6 +289,7 @@ def key_importance(
     _key_mass_kernel[(triton.cdiv(n_keys, block_n), hkv)](
         q_last,
         kc,
+        off,
         bt_row,
         lse_parts,
         out,

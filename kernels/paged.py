@@ -21,11 +21,21 @@ import torch
 
 @dataclass
 class PagedKV:
-    """A paged K/V cache plus the block table that maps each sequence to its pages."""
+    """A paged K/V cache plus the block table that maps each sequence to its pages.
+
+    cache_offset: None, or an int64 [2] tensor on the cache's device holding element
+    offsets that the kernels reading the cache (key importance, key pooling, the FA3
+    route's gather) add to the key_cache / value_cache pointers. A CUDA graph captured
+    over one layer's cache replays over another layer's cache of the same shape and
+    strides by changing these two numbers on the device (`pbs_vllm.kernels.graphs`).
+    Kernels that cannot honour it (the Triton attention kernel, the dense FA3 call, the
+    CPU path) refuse a PagedKV that has one.
+    """
 
     key_cache: torch.Tensor
     value_cache: torch.Tensor
     block_table: torch.Tensor
+    cache_offset: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.key_cache.dim() != 4 or self.key_cache.shape != self.value_cache.shape:
@@ -37,6 +47,15 @@ class PagedKV:
             raise ValueError(
                 "block_table must be a 2-D int32 tensor, got "
                 f"{self.block_table.dtype} of shape {tuple(self.block_table.shape)}"
+            )
+
+        off = self.cache_offset
+        if off is not None and (
+            off.dtype != torch.int64 or off.shape != (2,) or off.device != self.key_cache.device
+        ):
+            raise ValueError(
+                "cache_offset must be an int64 tensor of shape (2,) on the cache's device, got "
+                f"{off.dtype} {tuple(off.shape)} on {off.device}"
             )
 
     @property
@@ -121,6 +140,26 @@ class ChunkBatch:
         return len(self.q_lens)
 
 
+_ZERO_OFFSETS: dict[str, torch.Tensor] = {}
+
+
+def cache_offsets(kv: PagedKV) -> torch.Tensor:
+    """kv.cache_offset, or a shared int64 [2] zero tensor on the cache's device."""
+    if kv.cache_offset is not None:
+        return kv.cache_offset
+    dev = kv.key_cache.device
+    key = str(dev)
+    if key not in _ZERO_OFFSETS:
+        _ZERO_OFFSETS[key] = torch.zeros(2, dtype=torch.int64, device=dev)
+    return _ZERO_OFFSETS[key]
+
+
+def refuse_cache_offset(kv: PagedKV, what: str) -> None:
+    """Raise if `kv` carries a cache offset that the kernel `what` cannot apply."""
+    if kv.cache_offset is not None:
+        raise ValueError(f"{what} reads the cache directly and takes no cache_offset")
+
+
 def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """Copy a small host tensor to `device` without synchronising a CUDA stream.
 
@@ -130,4 +169,8 @@ def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda":
         return host.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        # A graph would replay the copy from a pinned buffer that is reused afterwards:
+        # everything a step uploads is planned before its graphs are captured.
+        raise RuntimeError("upload() during CUDA graph capture: plan the step first")
     return host.pin_memory().to(device, non_blocking=True)

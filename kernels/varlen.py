@@ -41,7 +41,7 @@ from torch.profiler import record_function
 from pbs_vllm.kernels.attention import _checked_outputs, _row_table
 from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks, row_table_key
 from pbs_vllm.kernels.cpu import use_torch_kernels
-from pbs_vllm.kernels.paged import PagedKV, upload
+from pbs_vllm.kernels.paged import ChunkBatch, PagedKV, cache_offsets, refuse_cache_offset, upload
 
 VarlenFn = Callable[..., object]
 
@@ -54,9 +54,9 @@ class VarlenPlan:
     once per step (cached on the ChunkBatch) and shared by every layer.
 
     Host: perm_pages (P / B), n_pages (scratch pages per KV head), max_q (longest query
-    block), max_own_pages, tail_seq / tail_pos ([n_tail] int64: the sequence and original
-    position of every tail slot, padding included).
-    Device ([Tq] int32 unless noted): cu_seqlens_q [Tq + 1]; perm_page (first scratch
+    block), max_own_pages.
+    Device ([Tq] int32 unless noted): tail_seq / tail_pos ([n_tail] int64: the sequence and
+    original position of every tail slot, padding included); cu_seqlens_q [Tq + 1]; perm_page (first scratch
     page of the query block's sequence's permuted region); own_page (scratch page of its
     own_start); own_len (keys of its own region).
     """
@@ -75,31 +75,35 @@ class VarlenPlan:
 
     @classmethod
     def of(cls, mask: PBSBlockMask) -> VarlenPlan:
-        batch, bs, ss = mask.batch, mask.block_size, mask.segment_size
-        n_perm = mask.perm.shape[1]
-        device = mask.own_start.device
-        key = ("varlen", bs, ss, n_perm, str(device))
+        """The plan of `mask`'s batch and block geometry (see `for_batch`)."""
+        plan = cls.for_batch(mask.batch, mask.block_size, mask.segment_size, mask.own_start.device)
+        if plan.perm_pages * mask.block_size != mask.perm.shape[1]:
+            raise ValueError(
+                f"mask holds {mask.perm.shape[1]} permuted slots, its batch's permuted "
+                f"regions {plan.perm_pages * mask.block_size}"
+            )
+        return plan
+
+    @classmethod
+    def for_batch(cls, batch: ChunkBatch, bs: int, ss: int, device) -> VarlenPlan:
+        """Built once per step (cached on the ChunkBatch); `plan_step` builds it before
+        the layers run, so a captured graph never uploads."""
+        key = ("varlen", bs, ss, str(torch.device(device)))
         if key not in batch.derived:
-            batch.derived[key] = cls._build(mask, device)
+            batch.derived[key] = cls._build(batch, bs, ss, torch.device(device))
         return batch.derived[key]
 
     @classmethod
-    def _build(cls, mask: PBSBlockMask, device) -> VarlenPlan:
-        batch, bs, ss = mask.batch, mask.block_size, mask.segment_size
-        if mask.perm.shape[1] % bs:
-            raise ValueError(f"permuted slots ({mask.perm.shape[1]}) not a multiple of B={bs}")
-        perm_pages = mask.perm.shape[1] // bs
+    def _build(cls, batch: ChunkBatch, bs: int, ss: int, device) -> VarlenPlan:
         qb = QueryBlocks.of(batch, bs)
         # Permuted regions: whole segments before each sequence's last query segment.
         perm_first, start = [], 0
         for n in batch.seq_lens:
             perm_first.append(start // bs)
             start += (n - 1) // ss * ss if ss else 0
-        if start != mask.perm.shape[1]:
-            raise ValueError(
-                f"mask holds {mask.perm.shape[1]} permuted slots, its batch's permuted "
-                f"regions {start}"
-            )
+        if start % bs:
+            raise ValueError(f"permuted slots ({start}) not a multiple of B={bs}")
+        perm_pages = start // bs
         tail_start = [(c // ss) * ss if ss else 0 for c in batch.ctx_lens]
         tail_first, tail_seq, tail_pos, page = [], [], [], perm_pages
         for b, (t0, n) in enumerate(zip(tail_start, batch.seq_lens)):
@@ -117,13 +121,16 @@ class VarlenPlan:
         cu = torch.cat([qb.row.long(), torch.tensor([sum(batch.q_lens)])])
         packed = torch.stack([torch.tensor(perm_first)[seq], own_page, own_len]).to(torch.int32)
         perm_page, own_page_d, own_len_d = upload(packed, device).unbind(0)
+        tail_seq_d, tail_pos_d = upload(
+            torch.stack([torch.cat(tail_seq), torch.cat(tail_pos)]), device
+        )
         return cls(
             perm_pages=perm_pages,
             n_pages=page,
             max_q=int(qb.length.max()),
             max_own_pages=int(((own_len + bs - 1) // bs).max()),
-            tail_seq=torch.cat(tail_seq),
-            tail_pos=torch.cat(tail_pos),
+            tail_seq=tail_seq_d,
+            tail_pos=tail_pos_d,
             cu_seqlens_q=upload(cu.to(torch.int32), device),
             perm_page=perm_page,
             own_page=own_page_d,
@@ -138,9 +145,7 @@ class VarlenPlan:
         if key not in cache:
             cache.clear()
             bt, ps = kv.block_table, kv.page_size
-            dev = bt.device
-            seq, pos = self.tail_seq.to(dev), self.tail_pos.to(dev)
-            rows = bt[seq, pos // ps].long() * ps + pos % ps
+            rows = bt[self.tail_seq, self.tail_pos // ps].long() * ps + self.tail_pos % ps
             cache[key] = (bt, rows.to(torch.int32))
         return cache[key][1]
 
@@ -176,7 +181,7 @@ def _page_table_kernel(
 
 @triton.jit(do_not_specialize=["n_perm", "n_slots", "h0", "stride_rh", "stride_sh"])
 def _gather_kernel(
-    k_ptr, v_ptr, ks_ptr, vs_ptr, rows_ptr, tail_ptr, n_perm, n_slots, h0,
+    k_ptr, v_ptr, off_ptr, ks_ptr, vs_ptr, rows_ptr, tail_ptr, n_perm, n_slots, h0,
     stride_kp, stride_ks, stride_kh, stride_kd, stride_vp, stride_vs, stride_vh, stride_vd,
     stride_rh, stride_sh,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
@@ -186,6 +191,8 @@ def _gather_kernel(
     pid = tl.program_id(0)
     g = tl.program_id(1)
     h = h0 + g
+    k_ptr += tl.load(off_ptr)  # PagedKV.cache_offset
+    v_ptr += tl.load(off_ptr + 1)
     slots = pid * BLOCK + tl.arange(0, BLOCK)
     ok = slots < n_slots
     in_perm = slots < n_perm
@@ -253,6 +260,7 @@ def gather_scratch(
     n_perm, n_tail = rows.shape[1], tail_rows.shape[0]
     n_slots, d, kc, vc = n_perm + n_tail, kv.head_dim, kv.key_cache, kv.value_cache
     if use_torch_kernels(kc):
+        refuse_cache_offset(kv, "the PyTorch gather")
         ps = kv.page_size
         src = torch.cat([rows[h0:h1].long(), tail_rows.long().expand(h1 - h0, -1)], dim=1)
         heads = torch.arange(h0, h1)[:, None]
@@ -261,7 +269,7 @@ def gather_scratch(
     vs = torch.empty_like(ks)
     block = 64 if d <= 64 else 32
     _gather_kernel[(triton.cdiv(n_slots, block), h1 - h0)](
-        kc, vc, ks, vs, rows, tail_rows, n_perm, n_slots, h0,
+        kc, vc, cache_offsets(kv), ks, vs, rows, tail_rows, n_perm, n_slots, h0,
         *kc.stride(), *vc.stride(), rows.stride(0), ks.stride(0),
         PAGE_SIZE=kv.page_size, HEAD_DIM=d, BLOCK=block,
     )  # fmt: skip
@@ -327,6 +335,7 @@ def pbs_attention_varlen(
 
 def _dense(q, kv: PagedKV, mask: PBSBlockMask, scale, varlen_fn, out, lse) -> None:
     """The full causal mask: one call over the paged cache itself."""
+    refuse_cache_offset(kv, "the dense FA3 call")
     batch, dev = mask.batch, q.device
     key = ("varlen_dense", str(dev))
     if key not in batch.derived:

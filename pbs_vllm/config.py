@@ -89,6 +89,14 @@ class PBSConfig(BaseModel):
         "where it runs, else triton.",
     )
 
+    cuda_graphs: bool = Field(
+        True,
+        description="Capture each prefill step's PBS work (estimation and FA3 attention) as "
+        "CUDA graphs at its first layer and replay them for the other layers, so a layer "
+        "costs a few launches of host time (fa3 attention kernel only); false = launch "
+        "every kernel from Python in every layer.",
+    )
+
     @field_validator("block_size")
     @classmethod
     def _power_of_two(cls, b: int) -> int:
@@ -164,6 +172,7 @@ _ALLOWED = {
     "stats_log_interval_s": "a number >= 0",
     "warmup": "true or false",
     "attention_kernel": "'auto', 'fa3' or 'triton'",
+    "cuda_graphs": "true or false",
 }
 
 

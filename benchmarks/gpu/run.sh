@@ -4,6 +4,8 @@
 #   tests    the GPU tests of the kernels (FA3 path, Triton kernel, estimation)
 #   kernels  bench_kernels.py at the Qwen2.5-0.5B shape (14 q / 2 KV heads, d 64) and the
 #            Llama-3.1-8B shape (32 / 8, d 128): FA3 dense, PBS through FA3 and Triton, cuDNN
+#   graphs   the step-graph GPU tests, then bench_layers.py: one step's PBS work over 24
+#            layers at the Qwen shape, eager launches against step graphs (host and wall)
 #   structured  estimation + FA3 attention at tau 0.9 on structured attention (sink, local
 #            window, scattered heavy keys) against FA3 and cuDNN at 32K / 64K, both shapes
 #   prep     the real model (Qwen2.5-Coder-0.5B-Instruct) from its GGUF in /tmp/qwen05 (carried
@@ -39,6 +41,13 @@ for step in "$@"; do
       python3 benchmarks/bench_kernels.py --shape $shape --sizes 32768 131072 --fractions 0.1 0.25 0.5 1.0 \
         --flex-fractions --sdpa sdpa_cudnn ${KERNEL_ARGS:-} --out "$RES" 2>&1 | grep -v Warn | tail -40
     done
+    ;;
+  graphs)
+    python3 -m pytest -m gpu tests/kernels/test_graphs.py -q --timeout 300 -rs 2>&1 | tee "$RES/gpu-graph-tests.log" | tail -5
+    for spec in "30k 16k" "16k 16k" "8k 8k"; do
+      set -- $spec
+      (cd benchmarks && python3 bench_layers.py --length $1 --chunk $2 --layers 24) 2>&1 | grep -v Warn | tail -5
+    done | tee "$RES/layers.md"
     ;;
   structured)
     for shape in llama qwen; do

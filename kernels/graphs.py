@@ -1,0 +1,143 @@
+"""Plan once per step, replay per layer: a prefill step's PBS work as CUDA graphs.
+
+Every attention layer of a step launches the same PBS kernels on the same shapes (the
+step's batch fixes them); per layer only three inputs change: the query rows, the output
+rows and the layer's KV cache. Launching ~15 kernels plus their Python per layer costs
+about as much host time as a small model's whole layer on the GPU, so on such models the
+GPU waits on the host. `StepGraphs` captures the work once, at the step's first layer,
+over static query / output buffers and that layer's cache, and replays it for every layer:
+
+  bind(query rows, key cache, value cache)   copy the rows into `q`, point `offset` at
+                                             this layer's cache (2 small copies)
+  capture(name, fn) at the first layer       fn's launches become graph `name`
+  replay(name)                               one launch per graph
+  out                                        the attention output, copied out by the caller
+
+Kernels read another layer's cache through `PagedKV.cache_offset` (= `offset`): element
+distances from the captured cache to this layer's, which requires the same dtype, shape
+and strides (vLLM allocates every layer's cache alike). What the work derives from the
+batch alone is planned before the capture (`pbs_vllm.kernels.plan.plan_step`); an upload
+inside a capture raises (`paged.upload`), so a graph never replays a stale host copy.
+No vLLM here; CUDA only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pbs_vllm.kernels.paged import upload
+
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+_POOLS: dict[int, Any] = {}
+_OFFSETS: dict[tuple, torch.Tensor] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _STREAMS:
+        _STREAMS[index] = torch.cuda.Stream(device=device)
+        _POOLS[index] = torch.cuda.graph_pool_handle()
+    return _STREAMS[index]
+
+
+class GraphCaptureError(RuntimeError):
+    """A step's PBS work could not be captured (the caller runs it eagerly)."""
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return (t.dtype, tuple(t.shape), t.stride(), t.device)
+
+
+class StepGraphs:
+    """The captured PBS work of one prefill step (see the module docstring).
+
+    q / out: [tokens, Hq, D] static buffers (the step's prefill rows); offset: int64 [2]
+    device tensor, the `PagedKV.cache_offset` of the captured work; key_cache /
+    value_cache: the captured layer's cache views (None before `bind`); outputs: what each
+    captured function returned (its tensors are rewritten by every replay).
+    """
+
+    def __init__(self, tokens: int, heads: int, head_dim: int, dtype: torch.dtype, device):
+        self.device = torch.device(device)
+        self.q = torch.empty(tokens, heads, head_dim, dtype=dtype, device=self.device)
+        self.out = torch.empty_like(self.q)
+        self.offset = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self.key_cache: torch.Tensor | None = None
+        self.value_cache: torch.Tensor | None = None
+        self.outputs: dict[str, Any] = {}
+        self.owner: Any = None  # what the caller's captured launches depend on, for its checks
+        self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"StepGraphs(tokens={self.q.shape[0]}, heads={self.q.shape[1]}, "
+            f"head_dim={self.q.shape[2]}, captured={sorted(self._graphs)})"
+        )
+
+    def bind(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
+        """Load one layer: its query rows [tokens, Hq, D] into `q` and its cache's distance
+        from the captured one into `offset`. False (nothing copied) if this cache cannot
+        stand in for the captured one (other dtype, shape or strides, or an address
+        distance that is not a whole number of elements)."""
+        if query.shape != self.q.shape or query.dtype != self.q.dtype:
+            return False
+        if self.key_cache is None:
+            self.key_cache, self.value_cache = key_cache, value_cache
+        elif _layout(key_cache) != _layout(self.key_cache) or _layout(value_cache) != _layout(
+            self.value_cache
+        ):
+            return False
+        offset = self._offset_of(key_cache, value_cache)
+        if offset is None:
+            return False
+        self.q.copy_(query)
+        self.offset.copy_(offset, non_blocking=True)
+        return True
+
+    def _offset_of(self, key_cache: torch.Tensor, value_cache: torch.Tensor):
+        base = (self.key_cache.data_ptr(), self.value_cache.data_ptr())
+        key = (*base, key_cache.data_ptr(), value_cache.data_ptr())
+        if key not in _OFFSETS:
+            size = key_cache.element_size()
+            dk, dv = key[2] - base[0], key[3] - base[1]
+            if dk % size or dv % size:
+                return None
+            _OFFSETS[key] = upload(torch.tensor([dk // size, dv // size]), self.device)
+        return _OFFSETS[key]
+
+    def captured(self, name: str) -> bool:
+        return name in self._graphs
+
+    def capture(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Capture fn's launches as graph `name` (nothing runs until `replay`); returns and
+        keeps fn's result. Raises GraphCaptureError (the capture abandoned) if fn fails or
+        does something a graph cannot hold."""
+        if torch.cuda.is_current_stream_capturing():
+            raise GraphCaptureError("a CUDA graph is already being captured on this stream")
+        stream = _capture_stream(self.device)
+        graph = torch.cuda.CUDAGraph()
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(stream):
+                graph.capture_begin(pool=_POOLS[self._index()], capture_error_mode="thread_local")
+                try:
+                    result = fn()
+                finally:
+                    graph.capture_end()
+        except Exception as e:
+            raise GraphCaptureError(f"{type(e).__name__}: {e}") from e
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._graphs[name] = graph
+        self.outputs[name] = result
+        return result
+
+    def replay(self, name: str) -> Any:
+        """Run graph `name` on the current stream; returns its captured function's result."""
+        self._graphs[name].replay()
+        return self.outputs[name]
+
+    def _index(self) -> int:
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
