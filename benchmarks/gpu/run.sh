@@ -59,13 +59,14 @@ for step in "$@"; do
     gguf
     python3 -m pbs_vllm.cli fetch-model qwen2.5-coder-0.5b-instruct --gguf /tmp/qwen05 --out $MODEL 2>&1 | tail -3
     ls $MODEL || exit 1
+    [ -n "${CHUNKS:-1}" ] || continue
     (cd benchmarks && python3 bench_chunks.py --length 30k --chunk 16k --q-heads 14 --kv-heads 2 --head-dim 64) 2>&1 \
       | grep -v '^{' | tee "$RES/chunks.txt" | grep -E '^\||per layer'
     ;;
   native)
     python3 benchmarks/bench_ttft.py --model $MODEL --real-weights --prompts code --lengths ${LENGTHS:-8k,16k,30k} \
       --configs ${CONFIGS:-flash,pbs-default,pbs-tau,pbs-tau-triton,pbs-tau0.8,pbs-default-16k} --reps 3 \
-      --warmup-lengths 8k,20k --profile ${PROFILE:-30k} --out "$RES/ttft-native" 2>&1 | tail -20
+      --warmup-lengths 8k,20k ${PROFILE:+--profile $PROFILE} --out "$RES/ttft-native" 2>&1 | tail -20
     ;;
   yarn)
     python3 benchmarks/bench_ttft.py --model $MODEL --real-weights --prompts code --yarn 4 --lengths 64k,127k \
