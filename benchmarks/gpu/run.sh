@@ -59,7 +59,7 @@ for step in "$@"; do
     gguf
     python3 -m pbs_vllm.cli fetch-model qwen2.5-coder-0.5b-instruct --gguf /tmp/qwen05 --out $MODEL 2>&1 | tail -3
     ls $MODEL || exit 1
-    [ -n "${CHUNKS:-1}" ] || continue
+    [ "${CHUNKS:-1}" != 0 ] || { pack "$step"; continue; }
     (cd benchmarks && python3 bench_chunks.py --length 30k --chunk 16k --q-heads 14 --kv-heads 2 --head-dim 64) 2>&1 \
       | grep -v '^{' | tee "$RES/chunks.txt" | grep -E '^\||per layer'
     ;;
