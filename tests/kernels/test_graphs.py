@@ -27,15 +27,13 @@ from pbs_vllm.kernels.params import SparsityParams
 from pbs_vllm.kernels.prefill import prefill_mask
 
 
-def _layers(n, batch, hq, hkv, d, dtype, device, seed, page_size=16, layout="fused"):
+def _layers(paged_kv, n, batch, hq, hkv, d, dtype, device, seed, page_size=16, layout="fused"):
     """n layers' (q, PagedKV) with one block table (same page order) and fresh contents."""
-    from conftest import _paged_kv
-
     gen = torch.Generator().manual_seed(seed)
     layers = []
     for _ in range(n):
         q, k, v = _random_qkv(gen, batch, hq, hkv, d, dtype, device)
-        kv = _paged_kv(k, v, batch.seq_lens, page_size, torch.Generator().manual_seed(seed), layout)
+        kv = paged_kv(k, v, batch.seq_lens, page_size, torch.Generator().manual_seed(seed), layout)
         layers.append((q, kv))
     return layers
 
@@ -57,11 +55,11 @@ def _offset(base: PagedKV, other: PagedKV) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout", ["fused", "head_major"])
-def test_offset_kernels_read_the_other_layer(triton_kernels, layout):
+def test_offset_kernels_read_the_other_layer(paged_kv, triton_kernels, layout):
     """Estimation and the FA3 route's gather over layer A's cache plus the offset to layer
     B equal the same calls on B (Triton interpreter)."""
     batch = ChunkBatch(q_lens=[40, 70], ctx_lens=[100, 5])
-    (q, kv_a), (_, kv_b) = _layers(2, batch, 4, 2, 16, torch.float32, "cpu", 5, 8, layout)
+    (q, kv_a), (_, kv_b) = _layers(paged_kv, 2, batch, 4, 2, 16, torch.float32, "cpu", 5, 8, layout)
     via_a = PagedKV(kv_a.key_cache, kv_a.value_cache, kv_a.block_table, _offset(kv_a, kv_b))
     params = SparsityParams(block_size=16, segment_size=32, tau=0.8)
     want = build_block_mask(q, kv_b, batch, params, 0.25)
@@ -76,9 +74,9 @@ def test_offset_kernels_read_the_other_layer(triton_kernels, layout):
     assert not ks_a.isnan().any()
 
 
-def test_kernels_that_read_the_cache_directly_refuse_an_offset(torch_kernels):
+def test_kernels_that_read_the_cache_directly_refuse_an_offset(paged_kv, torch_kernels):
     batch = ChunkBatch(q_lens=[40], ctx_lens=[60])
-    (q, kv), (_, other) = _layers(2, batch, 4, 2, 16, torch.float32, "cpu", 1, 8)
+    (q, kv), (_, other) = _layers(paged_kv, 2, batch, 4, 2, 16, torch.float32, "cpu", 1, 8)
     with_off = PagedKV(kv.key_cache, kv.value_cache, kv.block_table, _offset(kv, other))
     mask = random_block_mask(batch, 16, 32, 2, 0.5, device="cpu", seed=1)
     dense = dense_block_mask(batch, 16, 2, "cpu")
@@ -104,9 +102,9 @@ def test_cache_offset_must_be_two_int64_on_the_cache_device():
         PagedKV(k, k, table, torch.zeros(3, dtype=torch.int64))
 
 
-def test_bind_takes_only_caches_of_the_captured_layout():
+def test_bind_takes_only_caches_of_the_captured_layout(paged_kv):
     batch = ChunkBatch(q_lens=[40], ctx_lens=[60])
-    (q, kv_a), (q_b, kv_b) = _layers(2, batch, 4, 2, 16, torch.float32, "cpu", 3, 8)
+    (q, kv_a), (q_b, kv_b) = _layers(paged_kv, 2, batch, 4, 2, 16, torch.float32, "cpu", 3, 8)
     graphs = StepGraphs(40, 4, 16, torch.float32, "cpu")
     assert "captured=[]" in repr(graphs)
     assert graphs.bind(q, kv_a.key_cache, kv_a.value_cache)
@@ -150,7 +148,7 @@ def _fa3():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("group", "head_dim", "hkv"), [(7, 64, 2), (4, 128, 8)])
-def test_gpu_step_graphs_replay_other_layers_exactly(group, head_dim, hkv):
+def test_gpu_step_graphs_replay_other_layers_exactly(paged_kv, group, head_dim, hkv):
     """Capture estimation + FA3 attention at layer 0, replay over layers 1-3: masks and
     outputs equal the eager calls on each layer (the output poisoned before each replay)."""
     from pbs_vllm.kernels.plan import plan_step
@@ -159,7 +157,7 @@ def test_gpu_step_graphs_replay_other_layers_exactly(group, head_dim, hkv):
     if fa3 is None:
         pytest.skip("needs a Hopper GPU and vLLM's FA3")
     batch = ChunkBatch(q_lens=[3000, 700, 1], ctx_lens=[0, 4100, 2000])
-    layers = _layers(4, batch, hkv * group, hkv, head_dim, torch.bfloat16, "cuda", 11)
+    layers = _layers(paged_kv, 4, batch, hkv * group, hkv, head_dim, torch.bfloat16, "cuda", 11)
     params = SparsityParams(block_size=128, segment_size=512, tau=0.9)
     scale = head_dim**-0.5
     plan_step(batch, params, "cuda", "fa3")
