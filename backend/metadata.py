@@ -115,6 +115,15 @@ def prefill_runs(
     return runs
 
 
+def graphs_eligible(runs: list[PrefillRun], params) -> bool:
+    """Whether a step's PBS work can be captured as CUDA graphs and replayed over other
+    layers: every prefill run sparse with a permuted region (a dense run, or a run whose
+    sequences all fit in their first segment, attends straight from one layer's cache)."""
+    return bool(runs) and all(
+        not run.dense and has_permuted_region(run.batch, params) for run in runs
+    )
+
+
 def group_uses_pbs(vllm_config: VllmConfig, layer_names: list[str]) -> bool:
     """True when every attention layer of the group got a PBSAttentionImpl."""
     from pbs_vllm.backend.impl import PBSAttentionImpl
@@ -239,9 +248,7 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
         for run in runs:
             if not run.dense:
                 plan_step(run.batch, self.params, self.device, self.route)
-        return self.cuda_graphs and all(
-            not run.dense and has_permuted_region(run.batch, self.params) for run in runs
-        )
+        return self.cuda_graphs and graphs_eligible(runs, self.params)
 
     def _wrap_decodes(self, common: CommonAttentionMetadata, decode) -> PBSAttentionMetadata:
         return PBSAttentionMetadata(

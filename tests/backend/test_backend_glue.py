@@ -16,7 +16,7 @@ from vllm.v1.attention.selector import AttentionSelectorConfig
 
 from pbs_vllm.backend.compat import host_seq_lens
 from pbs_vllm.backend.cpu_platform import PBSCpuPlatform
-from pbs_vllm.backend.metadata import PBSAttentionMetadataBuilder, prefill_runs
+from pbs_vllm.backend.metadata import PBSAttentionMetadataBuilder, graphs_eligible, prefill_runs
 from pbs_vllm.backend.pbs_attn import PBSAttentionBackend
 from pbs_vllm.backend.stats import PBSStats
 from pbs_vllm.backend.stats import logger as stats_logger
@@ -117,6 +117,24 @@ def test_prefill_runs_group_by_mode_and_skip_padding():
         (slice(12, 60), slice(3, 5), False),
     ]
     assert (runs[1].batch.q_lens, runs[1].batch.ctx_lens) == ([8, 40], [292, 360])
+
+
+def test_step_graphs_only_for_steps_of_sparse_runs_with_permuted_regions():
+    """A dense run, or a sparse run whose sequences all sit in their first segment (its
+    mask is dense and attends straight from one layer's cache), rules graphs out."""
+    from pbs_vllm.kernels import SparsityParams
+
+    params = SparsityParams(block_size=16, segment_size=32)
+    qsl = torch.tensor([0, 10, 50, 90], dtype=torch.int32)
+    mixed = prefill_runs(qsl, torch.tensor([10, 300, 400], dtype=torch.int32), 0, 100)
+    assert [r.dense for r in mixed] == [True, False]
+    assert not graphs_eligible(mixed, params)
+    sparse = prefill_runs(qsl, torch.tensor([110, 300, 400], dtype=torch.int32), 0, 100)
+    assert graphs_eligible(sparse, params)
+    qsl_short = torch.tensor([0, 10, 20, 30], dtype=torch.int32)
+    short = prefill_runs(qsl_short, torch.tensor([10, 20, 32], dtype=torch.int32), 0, 0)
+    assert [r.dense for r in short] == [False] and not graphs_eligible(short, params)
+    assert not graphs_eligible([], params)
 
 
 def test_host_seq_lens_prefers_host_copies_without_device_reads():
