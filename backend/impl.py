@@ -133,6 +133,33 @@ def _warm_up_once(impl, dtype: torch.dtype, max_len: int, page_size: int) -> Non
         f"PBS warm-up: kernels compiled for {shape} up to {max_len} tokens in {seconds:.1f} s"
     )
     _compile_watch().arm()
+    if impl.cuda_graphs and impl.attend.kernel == "fa3":
+        _check_step_graphs(impl, dtype, page_size)
+
+
+def _check_step_graphs(impl, dtype: torch.dtype, page_size: int) -> None:
+    """Capture and replay one small synthetic step (`check_step_graphs`); a failure turns
+    the step graphs off for the process, with one log line."""
+    from pbs_vllm.kernels.graphs import check_step_graphs
+
+    try:
+        reason = check_step_graphs(
+            impl.num_heads,
+            impl.num_kv_heads,
+            impl.head_size,
+            dtype,
+            torch.device("cuda", torch.cuda.current_device()),
+            impl.params,
+            page_size,
+            impl.attend,
+        )
+    except Exception as e:  # the eager path still serves
+        reason = f"{type(e).__name__}: {e}"
+    if reason is None:
+        logger.info("PBS step graphs: a captured step replays exactly over another layer")
+        return
+    _GRAPHS["ok"] = False
+    logger.warning(f"PBS step graphs off: the start-up check failed ({reason})")
 
 
 def _report_compiles(longest: int) -> None:
@@ -200,6 +227,7 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         config = get_pbs_config(vllm_config)
         self.params = config.sparsity_params()
         self.routing = LayerRouting(config.dense_above, config.dense_hold_steps)
+        self.cuda_graphs = config.cuda_graphs
         self._on_cpu = stock_backend().get_name() == "CPU_ATTN"
         # attend(q, kv, mask, scale, out): FA3 on Hopper, else Triton (chosen once, logged)
         kernel = config.attention_kernel

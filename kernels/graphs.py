@@ -141,3 +141,75 @@ class StepGraphs:
 
     def _index(self) -> int:
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+
+def check_step_graphs(
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    params,
+    page_size: int,
+    attend: Callable,
+    route: str = "fa3",
+) -> str | None:
+    """Capture one small step over a synthetic layer and replay it over a second one:
+    None if the replay equals the eager calls on the second layer, else why not.
+
+    Run at start-up (the warm-up): it creates the capture stream, the graph pool and the
+    side stream's cuBLAS workspace before serving, and a model whose launches cannot be
+    captured is found then, not at its first long request. attend(q, kv, mask, scale,
+    out) is the server's prefill attention.
+    """
+    from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
+    from pbs_vllm.kernels.plan import plan_step
+    from pbs_vllm.kernels.prefill import prefill_mask
+
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    n = 4 * params.segment_size + params.block_size // 2 + 3  # permuted region, off-block end
+    q_len = params.block_size + 5
+    batch = ChunkBatch([q_len], [n - q_len])
+    scale = head_dim**-0.5
+    gen = torch.Generator(device=device).manual_seed(0)
+    n_pages = -(-n // page_size)
+    table = torch.randperm(n_pages, device=device, generator=gen).to(torch.int32)[None]
+    layers = []
+    for _ in range(2):
+        q = torch.randn(q_len, num_q_heads, head_dim, device=device, generator=gen).to(dtype)
+        kc, vc = (
+            torch.randn(
+                n_pages, page_size, num_kv_heads, head_dim, device=device, generator=gen
+            ).to(dtype)
+            for _ in range(2)
+        )
+        layers.append((q, PagedKV(kc, vc, table)))
+    plan_step(batch, params, device, route)
+    graphs = StepGraphs(q_len, num_q_heads, head_dim, dtype, device)
+    try:
+        for i, (q, kv) in enumerate(layers):
+            if not graphs.bind(q, kv.key_cache, kv.value_cache):
+                return "a second layer's cache cannot stand in for the first's"
+            if i == 0:
+                view = PagedKV(graphs.key_cache, graphs.value_cache, table, graphs.offset)
+                mask = graphs.capture(
+                    "estimate", lambda v=view: prefill_mask(graphs.q, v, batch, params, scale)
+                )
+                graphs.capture(
+                    "attend", lambda v=view, m=mask: attend(graphs.q, v, m, scale, graphs.out)
+                )
+            graphs.replay("estimate")
+            graphs.replay("attend")
+        q, kv = layers[1]
+        want = torch.empty_like(q)
+        attend(q, kv, prefill_mask(q, kv, batch, params, scale), scale, want)
+        if not torch.equal(graphs.out, want):
+            err = (graphs.out.float() - want.float()).abs().max().item()
+            return f"replayed output differs from the eager one (max abs diff {err:.3g})"
+    except GraphCaptureError as e:
+        return str(e)
+    finally:
+        torch.cuda.synchronize(device)
+    return None

@@ -199,3 +199,19 @@ def test_gpu_upload_inside_a_capture_fails_the_capture():
     assert not graphs.captured("bad")
     # the stream left capture mode: ordinary work still runs
     assert torch.arange(4, device="cuda").sum().item() == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("hq", "hkv", "head_dim"), [(14, 2, 64), (32, 8, 128)])
+def test_gpu_start_up_check_passes(hq, hkv, head_dim):
+    from pbs_vllm.kernels.graphs import check_step_graphs
+
+    fa3 = _fa3()
+    if fa3 is None:
+        pytest.skip("needs a Hopper GPU and vLLM's FA3")
+
+    def attend(q, kv, mask, scale, out):
+        varlen.pbs_attention_varlen(q, kv, mask, scale, fa3, out=out)
+
+    params = SparsityParams(block_size=128, segment_size=512, tau=0.9)
+    assert check_step_graphs(hq, hkv, head_dim, torch.bfloat16, "cuda", params, 16, attend) is None
