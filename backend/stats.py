@@ -1,10 +1,11 @@
 """Process-wide counters of the PBS prefill path, logged every `stats_log_interval_s`.
 
-The builder records each step's token split; the impl adds a mask density sample only while
+The builder records each step's token split; the impl adds a mask density sample (the
+computed fraction of the causally visible key blocks, `PBSBlockMask.density()`) only while
 a log line is due (`density_due()`), so density (one host sync on GPU) is computed for one
-step per interval (every layer of it), not for every step. `STATS.snapshot()` gives the totals as a dict,
-with the mean density per layer and, from the samples taken while a log line was due, per
-(layer, KV head).
+step per interval (every layer of it), not for every step. `STATS.snapshot()` gives the
+totals as a dict, with the mean density per layer and, from the samples taken while a log
+line was due, per (layer, KV head).
 """
 
 from __future__ import annotations

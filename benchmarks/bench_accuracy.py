@@ -8,9 +8,9 @@ Runs the shipped retrieval model (`pbs_vllm/models/retrieval-llama`, trained by
 on the token id. Settings: the stock backend (FLASH_ATTN on CUDA, CPU_ATTN on the CPU),
 PBS at tau 0.8 / 0.9 / 0.95, PBS with pooled scores for every block (`exact_last_block`
 off, the paper's selection), the unpermuted mean-pooling ablation at the same taus, and
-both at fixed densities (tau 1 with a `max_density` cap, so both keep the same number of
-blocks). Density is the backend's mean kept fraction of candidate blocks
-(`pbs_vllm.backend.stats`), which is why the engine runs in-process. Prints a markdown
+both at fixed kept fractions (tau 1 with a `max_kept_fraction` cap, so both keep the same
+number of blocks). Density is the backend's mean computed fraction of the causally visible
+key blocks (`pbs_vllm.backend.stats`), which is why the engine runs in-process. Prints a markdown
 table; with $OUT set, also writes $OUT/bench_accuracy.{csv,md,json}.
 """
 
@@ -62,9 +62,9 @@ def default_settings() -> list[Setting]:
         out.append(Setting(f"pooled-{tau}", {"tau": tau, "exact_last_block": False}))
         out.append(Setting(f"meanpool-{tau}", {"tau": tau, "permute": False}))
     for cap in (0.1, 0.25):
-        out.append(Setting(f"pbs-cap{cap}", {"tau": 1.0, "max_density": cap}))
+        out.append(Setting(f"pbs-cap{cap}", {"tau": 1.0, "max_kept_fraction": cap}))
         out.append(
-            Setting(f"meanpool-cap{cap}", {"tau": 1.0, "max_density": cap, "permute": False})
+            Setting(f"meanpool-cap{cap}", {"tau": 1.0, "max_kept_fraction": cap, "permute": False})
         )
     return out
 

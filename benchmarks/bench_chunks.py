@@ -36,7 +36,7 @@ from pbs_vllm.kernels import (
 
 SETTINGS = {
     "tau0.9": SparsityParams(tau=0.9),
-    "d10": SparsityParams(tau=1.0, max_density=0.1),
+    "d10": SparsityParams(tau=1.0, max_kept_fraction=0.1),
 }
 
 

@@ -9,11 +9,11 @@ tokenizer, each prompt plus its answer budget fitting in the length, and cached 
 under OUT/prompts. Each setting (`pbs_vllm.evals.compare.SETTINGS`) runs in its own
 child process (GPU memory returns when it exits; `--in-process` keeps one process) with
 one vLLM engine (in that process, so the backend's stats are readable), reused over the
-lengths (a density-matched setting, whose `max_density`
-depends on the length, gets one per length); the prompts of a length go to one
-`LLM.generate` call, greedy, keeping the first generated token's top-20 logprobs. The
-backend's density (mean kept fraction of candidate blocks over sparse layer-calls) is
-reset before and read after each length.
+lengths (a density-matched setting, whose `max_kept_fraction` depends on the length, gets
+one per length); the prompts of a length go to one `LLM.generate` call, greedy, keeping the
+first generated token's top-20 logprobs. The backend's density (computed fraction of the
+causally visible key blocks, mean over sparse layer-calls) is reset before and read after
+each length.
 
 Writes, after every length: OUT/outputs.jsonl (per sample: setting, key, output text,
 first token id, its top-20 logprobs, score), OUT/results.json and OUT/ruler.md (mean
@@ -386,8 +386,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         device = "cpu"
     title = (
         f"RULER-style accuracy of {Path(args.model).name} ({args.num_prompts} prompts per task "
-        f"and length, {device}): scores in %, density = mean kept fraction of candidate "
-        f"blocks, agreement / top-{TOP_LOGPROBS} KL (nats) of the first token vs "
+        f"and length, {device}): scores in %, density = mean computed fraction of the "
+        f"causally visible key blocks, agreement / top-{TOP_LOGPROBS} KL (nats) of the first token vs "
         f"{compare.REFERENCE}"
     )
     meta = {

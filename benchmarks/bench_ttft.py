@@ -30,16 +30,21 @@ from pathlib import Path
 from pbs_vllm.evals.engine import yarn_hf_overrides
 
 # name -> (attention backend, PBS settings or None). Every pbs-* config but the default
-# runs PBS at every length and density (no dense fallback, no dense switch).
+# runs PBS at every length and mask density (no dense fallback, no dense switch). pbs-dN:
+# tau 1 with max_kept_fraction N% (the names predate the rename of max_density).
 _PURE = {"dense_fallback_len": 0, "dense_above": None}
 CONFIGS: dict[str, tuple[str, dict | None]] = {
     "flash": ("FLASH_ATTN", None),
-    "pbs-d5": ("pbs", {"max_density": 0.05, "tau": 1.0, **_PURE}),
-    "pbs-d10": ("pbs", {"max_density": 0.10, "tau": 1.0, **_PURE}),
-    "pbs-d25": ("pbs", {"max_density": 0.25, "tau": 1.0, **_PURE}),
+    "pbs-d5": ("pbs", {"max_kept_fraction": 0.05, "tau": 1.0, **_PURE}),
+    "pbs-d10": ("pbs", {"max_kept_fraction": 0.10, "tau": 1.0, **_PURE}),
+    "pbs-d25": ("pbs", {"max_kept_fraction": 0.25, "tau": 1.0, **_PURE}),
+    "pbs-d25-graphs": (
+        "pbs",
+        {"max_kept_fraction": 0.25, "tau": 1.0, "cuda_graphs": True, **_PURE},
+    ),
     "pbs-tau": ("pbs", {"tau": 0.9, **_PURE}),
-    # the same launching every kernel eagerly (no step graphs)
-    "pbs-tau-eager": ("pbs", {"tau": 0.9, "cuda_graphs": False, **_PURE}),
+    # the same with step graphs (each step's PBS launches replayed from CUDA graphs)
+    "pbs-tau-graphs": ("pbs", {"tau": 0.9, "cuda_graphs": True, **_PURE}),
     # the same on the portable Triton kernel (on Hopper, pbs-tau attends through FA3)
     "pbs-tau-triton": ("pbs", {"tau": 0.9, "attention_kernel": "triton", **_PURE}),
     "pbs-tau0.8": ("pbs", {"tau": 0.8, **_PURE}),

@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--tau", type=float, default=0.9)
-    ap.add_argument("--max-density", type=float, default=None)
+    ap.add_argument("--max-kept-fraction", type=float, default=None)
     args = ap.parse_args()
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -44,7 +44,7 @@ def main() -> None:
         q_len, args.q_heads, args.head_dim, dtype=torch.bfloat16, device="cuda", generator=gen
     )
     batch = ChunkBatch([q_len], [ctx])
-    params = SparsityParams(tau=args.tau, max_density=args.max_density)
+    params = SparsityParams(tau=args.tau, max_kept_fraction=args.max_kept_fraction)
     scale = args.head_dim**-0.5
     for _ in range(3):
         pbs_prefill(q, kv, batch, params, scale)

@@ -2,7 +2,7 @@
 
 The last 16K chunk over a 112K prefix (and a 16K chunk over 48K), Llama-3.1-8B attention
 shape (32 / 8 heads, d 128, bf16, page 16, block 128, segment 256), mask estimated at a 10%
-density cap. It times, side by side in one process:
+kept-fraction cap (`max_kept_fraction` 0.1). It times, side by side in one process:
   - the attention kernel for the query-tile heights (BLOCK_M 128 / 256) x key tile x
     warps x stages, each output checked against the autotuned default's and poisoned
     beforehand, and the default with no selected blocks (the own causal region alone);
@@ -35,7 +35,7 @@ from pbs_vllm.kernels import attention as attention_mod
 from pbs_vllm.kernels.importance import key_importance
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
-PARAMS = SparsityParams(block_size=128, segment_size=256, tau=1.0, max_density=0.1)
+PARAMS = SparsityParams(block_size=128, segment_size=256, tau=1.0, max_kept_fraction=0.1)
 CASES = [(112 * 1024, 16 * 1024), (48 * 1024, 16 * 1024)]
 ATTN_CONFIGS = [
     (128, triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3)),

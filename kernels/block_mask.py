@@ -171,22 +171,27 @@ class PBSBlockMask:
 
     def density_per_head_tensor(self) -> torch.Tensor:
         """`density_tensor()` per KV head: [Hkv] float64 on the mask's device (no host
-        sync), computed key blocks / causally visible key blocks of each head over the
-        batch. Every head sees the same number of blocks, so the mean over heads equals
+        sync), the computed fraction of the causally visible key blocks of each head over
+        the batch. Every head sees the same number of blocks, so the mean over heads equals
         `density_tensor()`."""
         own, visible = self._static_counts_per_head()
         selected = self.kv_num_blocks.sum(dim=1, dtype=torch.float64)
         return (selected + own) / visible
 
     def density(self) -> float:
-        """Computed key blocks / causally visible key blocks over the batch and KV heads.
+        """The computed fraction of the causally visible key blocks, over the batch and KV
+        heads: computed key blocks / causally visible key blocks.
 
-        The own causal region counts the key blocks it touches; 1.0 for a dense mask.
+        The own causal region counts the key blocks it touches; 1.0 for a dense mask. Not
+        the kept fraction of candidate blocks that `SparsityParams.max_kept_fraction` caps
+        (own blocks count here, and the denominator is every visible block), nor the
+        token-level `pair_fraction` of `pbs_vllm.fidelity`.
         """
         return self.density_tensor().item()
 
     def density_tensor(self) -> torch.Tensor:
-        """`density()` as a 0-d float64 tensor on the mask's device (no host sync)."""
+        """`density()` (the computed fraction of the causally visible key blocks) as a 0-d
+        float64 tensor on the mask's device (no host sync)."""
         own, visible = self._static_counts()
         selected = self.kv_num_blocks.sum(dtype=torch.float64)
         return (selected + own) / visible

@@ -40,7 +40,7 @@ from pbs_vllm.kernels.estimate import exact_block_mass, segment_permutation
 from pbs_vllm.kernels.inputs import check_prefill_inputs, permuted_region_lengths
 from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
 from pbs_vllm.kernels.params import SparsityParams
-from pbs_vllm.kernels.selection import block_probs, density_cap, select_blocks
+from pbs_vllm.kernels.selection import block_probs, kept_cap, select_blocks
 
 KERNELS_ENV = "PBS_VLLM_CPU_KERNELS"
 CHOICES = ("torch", "triton")
@@ -243,8 +243,8 @@ def build_block_mask_torch(
         offsets.append(offsets[-1] + n)
     blocks = torch.bincount(QueryBlocks.of(batch, bs).seq, minlength=len(batch)).tolist()
     width = max(n // bs for n in n_perm) if any(n_perm) else 1
-    if params.max_density is not None:
-        width = int(density_cap(torch.tensor(width), params.max_density))
+    if params.max_kept_fraction is not None:
+        width = int(kept_cap(torch.tensor(width), params.max_kept_fraction))
 
     i32 = dict(dtype=torch.int32, device=dev)
     perm = torch.empty(hkv, offsets[-1], **i32)

@@ -22,7 +22,7 @@ from pbs_vllm.kernels.inputs import check_prefill_inputs, permuted_region_length
 from pbs_vllm.kernels.paged import ChunkBatch, PagedKV, refuse_cache_offset, upload
 from pbs_vllm.kernels.params import SparsityParams
 from pbs_vllm.kernels.permute import permute_region
-from pbs_vllm.kernels.selection import density_cap, select_into
+from pbs_vllm.kernels.selection import kept_cap, select_into
 
 
 def segment_permutation(scores: torch.Tensor, segment_size: int) -> torch.Tensor:
@@ -69,7 +69,7 @@ class _EstimatePlan:
     @classmethod
     def of(cls, batch: ChunkBatch, params: SparsityParams, device) -> _EstimatePlan:
         bs, ss = params.block_size, params.segment_size
-        key = ("estimate", bs, ss, params.max_density, str(device))
+        key = ("estimate", bs, ss, params.max_kept_fraction, str(device))
         if key not in batch.derived:
             qb = QueryBlocks.on(batch, bs, device)
             n_perm = permuted_region_lengths(batch, ss)
@@ -78,8 +78,8 @@ class _EstimatePlan:
                 offsets.append(offsets[-1] + n)
             blocks = torch.bincount(QueryBlocks.of(batch, bs).seq, minlength=len(batch))
             width = max(n // bs for n in n_perm) if any(n_perm) else 1
-            if params.max_density is not None:
-                width = int(density_cap(torch.tensor(width), params.max_density))
+            if params.max_kept_fraction is not None:
+                width = int(kept_cap(torch.tensor(width), params.max_kept_fraction))
             batch.derived[key] = cls(
                 n_perm=n_perm,
                 offsets=offsets,

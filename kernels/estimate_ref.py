@@ -13,7 +13,7 @@ from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks
 from pbs_vllm.kernels.inputs import check_prefill_inputs, permuted_region_lengths
 from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
 from pbs_vllm.kernels.params import SparsityParams
-from pbs_vllm.kernels.selection import density_cap
+from pbs_vllm.kernels.selection import kept_cap
 
 
 def key_importance_ref(
@@ -84,8 +84,8 @@ def select_ref(p: list[float], sink: int | None, params: SparsityParams) -> list
         kept.append(j)
         mass += p[j]
     cap = len(p)
-    if params.max_density is not None:
-        cap = int(density_cap(torch.tensor(len(p)), params.max_density))
+    if params.max_kept_fraction is not None:
+        cap = int(kept_cap(torch.tensor(len(p)), params.max_kept_fraction))
         kept = kept[:cap]
     if sink is not None and sink not in kept:
         kept = kept[: cap - 1] + [sink]

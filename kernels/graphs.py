@@ -31,15 +31,21 @@ import torch
 from pbs_vllm.kernels.paged import upload
 
 _STREAMS: dict[int, torch.cuda.Stream] = {}
-_POOLS: dict[int, Any] = {}
 _OFFSETS: dict[tuple, torch.Tensor] = {}
 
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _STREAMS:
-        _STREAMS[index] = torch.cuda.Stream(device=device)
-        _POOLS[index] = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            # cuBLAS creates its handle and this stream's workspace on first use, which a
+            # capture cannot do: one small matmul here, outside any capture.
+            x = torch.ones(1, 8, 8, device=device)
+            torch.bmm(x, x)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        _STREAMS[index] = stream
     return _STREAMS[index]
 
 
@@ -70,6 +76,7 @@ class StepGraphs:
         self.outputs: dict[str, Any] = {}
         self.owner: Any = None  # what the caller's captured launches depend on, for its checks
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self._pool = None
 
     def __repr__(self) -> str:
         return (
@@ -122,7 +129,7 @@ class StepGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(stream):
-                graph.capture_begin(pool=_POOLS[self._index()], capture_error_mode="thread_local")
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
                     result = fn()
                 finally:
@@ -131,6 +138,7 @@ class StepGraphs:
             raise GraphCaptureError(f"{type(e).__name__}: {e}") from e
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._graphs[name] = graph
+        self._pool = graph.pool()  # the step's later graphs share this one's memory pool
         self.outputs[name] = result
         return result
 

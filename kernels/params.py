@@ -20,7 +20,7 @@ class SparsityParams:
     segment_size: S, keys are permuted only inside segments of S (a multiple of B).
     tau: keep the smallest prefix of candidate blocks whose probability mass reaches tau;
         tau >= 1.0 keeps every candidate (equals dense causal attention).
-    max_density: optional cap on the kept fraction of candidate blocks per query block.
+    max_kept_fraction: optional cap on the kept fraction of candidate blocks per query block.
     permute: False gives the unpermuted mean-pooling ablation (identity permutation).
     scoring: "mean" pools blocks by their mean; "antidiagonal" is PBS+ (XAttention-style).
     antidiagonal_stride: stride of the antidiagonal sampling for scoring="antidiagonal".
@@ -33,7 +33,7 @@ class SparsityParams:
     block_size: int = 128
     segment_size: int = 512
     tau: float = 0.9
-    max_density: float | None = None
+    max_kept_fraction: float | None = None
     permute: bool = True
     scoring: Scoring = "mean"
     antidiagonal_stride: int = 8
@@ -48,8 +48,10 @@ class SparsityParams:
             raise ValueError(f"segment_size={s}: must be a positive multiple of block_size={b}")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"tau={self.tau}: must be in (0, 1]")
-        if self.max_density is not None and not 0.0 < self.max_density <= 1.0:
-            raise ValueError(f"max_density={self.max_density}: must be in (0, 1] or None")
+        if self.max_kept_fraction is not None and not 0.0 < self.max_kept_fraction <= 1.0:
+            raise ValueError(
+                f"max_kept_fraction={self.max_kept_fraction}: must be in (0, 1] or None"
+            )
         if self.scoring not in ("mean", "antidiagonal"):
             raise ValueError(f"scoring={self.scoring!r}: must be 'mean' or 'antidiagonal'")
         st = self.antidiagonal_stride

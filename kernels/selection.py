@@ -2,11 +2,11 @@
 
 `select_into` is the serving path: one Triton launch per sequence that turns its pooled
 logits into the mask's kept-block counts and ids (softmax over the candidates, mean over
-the GQA group, the exact last-block row, stable descending sort, tau prefix, density cap,
-sink, ascending ids). `block_probs` + `select_blocks` are its plain PyTorch reference over
-padded [Hkv, Tq, C] tensors, where C is the number of permuted key blocks of the sequence
-and query block k's candidates are the first n_cand[k] of them (the blocks of the segments
-before its own segment).
+the GQA group, the exact last-block row, stable descending sort, tau prefix, cap on the
+kept fraction (`max_kept_fraction`), sink, ascending ids). `block_probs` + `select_blocks`
+are its plain PyTorch reference over padded [Hkv, Tq, C] tensors, where C is the number of
+permuted key blocks of the sequence and query block k's candidates are the first n_cand[k]
+of them (the blocks of the segments before its own segment).
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import triton.language as tl
 from pbs_vllm.kernels.params import SparsityParams
 
 
-def density_cap(n_cand: torch.Tensor, max_density: float) -> torch.Tensor:
-    """ceil(max_density * n_cand), at least 1; float64 with a rounding guard (0.3 * 10 -> 3)."""
-    return torch.ceil(n_cand.double() * max_density - 1e-9).long().clamp_(min=1)
+def kept_cap(n_cand: torch.Tensor, max_kept_fraction: float) -> torch.Tensor:
+    """The most blocks a query block with n_cand candidates keeps under `max_kept_fraction`:
+    ceil(max_kept_fraction * n_cand), at least 1; float64 with a rounding guard (0.3 * 10 -> 3).
+    """
+    return torch.ceil(n_cand.double() * max_kept_fraction - 1e-9).long().clamp_(min=1)
 
 
 def block_probs(
@@ -52,7 +54,7 @@ def select_blocks(
 
     p [Hkv, Tq, C] from `block_probs`, n_cand [Tq], sink_block [Hkv] (permuted block of
     original token 0, forced when params.keep_sink and the row has candidates). With
-    params.max_density at most density_cap(n_cand) blocks are kept, the sink included.
+    params.max_kept_fraction at most kept_cap(n_cand) blocks are kept, the sink included.
     Returns kv_num_blocks [Hkv, Tq] int32 and kv_indices [Hkv, Tq, C] int32 (selected ids
     ascending, then padding C).
     """
@@ -67,8 +69,8 @@ def select_blocks(
         n_keep = torch.minimum(below.sum(dim=-1) + 1, n)
     del vals  # the [Hkv, Tq, C] temporaries dominate peak memory at long contexts
     cap = n
-    if params.max_density is not None:
-        cap = density_cap(n, params.max_density)
+    if params.max_kept_fraction is not None:
+        cap = kept_cap(n, params.max_kept_fraction)
         n_keep = torch.minimum(n_keep, cap)
     rank = torch.arange(c, device=p.device)
     if params.keep_sink:
@@ -98,7 +100,7 @@ def select_blocks(
         "stride_ih",
         "stride_it",
         "tau",
-        "max_density",
+        "max_kept_fraction",
     ]
 )
 def _select_kernel(
@@ -117,7 +119,7 @@ def _select_kernel(
     stride_it,
     scale,
     tau,
-    max_density,
+    max_kept_fraction,
     GROUP: tl.constexpr,
     SEG: tl.constexpr,
     BS: tl.constexpr,
@@ -163,7 +165,7 @@ def _select_kernel(
         n_keep = tl.minimum(tl.sum(below.to(tl.int32), 0) + 1, n)
     cap = n
     if CAP:
-        cap = tl.maximum(tl.ceil(n.to(tl.float64) * max_density - 1e-9).to(tl.int32), 1)
+        cap = tl.maximum(tl.ceil(n.to(tl.float64) * max_kept_fraction - 1e-9).to(tl.int32), 1)
         n_keep = tl.minimum(n_keep, cap)
     if KEEP_SINK:
         seg = tl.arange(0, BLOCK_SEG)
@@ -223,14 +225,14 @@ def select_into(
         kv_indices.stride(1),
         scale,
         params.tau,
-        params.max_density or 1.0,
+        params.max_kept_fraction or 1.0,
         GROUP=rows // tq,
         SEG=ss,
         BS=bs,
         BLOCK_C=max(16, triton.next_power_of_2(c)),
         BLOCK_SEG=triton.next_power_of_2(ss),
         TAU_ONE=params.tau >= 1.0,
-        CAP=params.max_density is not None,
+        CAP=params.max_kept_fraction is not None,
         KEEP_SINK=params.keep_sink,
         EXACT=exact is not None,
     )

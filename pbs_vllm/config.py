@@ -2,16 +2,22 @@
 
 Sources, later ones winning: the defaults (mostly the paper's), vLLM's
 `--additional-config '{"pbs": {...}}'`, then environment variables `PBS_<FIELD>`
-(e.g. `PBS_TAU=0.95`, `PBS_MAX_DENSITY=none`). Any bad value fails with one
+(e.g. `PBS_TAU=0.95`, `PBS_MAX_KEPT_FRACTION=none`). Any bad value fails with one
 `PBSConfigError` naming the field, the value and what is allowed.
+
+Renamed settings (`DEPRECATED_NAMES`, e.g. `max_density` -> `max_kept_fraction`) are still
+accepted under their old name, as a key of the "pbs" object or as `PBS_<OLD>`, with one
+deprecation warning per process; one source giving both the old and the new name is a
+`PBSConfigError` naming both. Across sources the usual order holds (the environment wins).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -22,6 +28,13 @@ ENV_PREFIX = "PBS_"
 ADDITIONAL_CONFIG_KEY = "pbs"
 # Environment variables that start with PBS_ but are not config fields.
 _NON_FIELD_ENV = {"PBS_VLLM_CPU_PLATFORM"}
+# Old setting name -> current name; the old one is still accepted (see the module docstring).
+DEPRECATED_NAMES = {"max_density": "max_kept_fraction"}
+
+# Under vLLM's "vllm" logger, so its handler prints the line (no vllm import needed); the
+# name is the one `pbs_vllm.backend.log.get_logger(__name__)` would give.
+logger = logging.getLogger(f"vllm.{__name__}")
+_warned: set[str] = set()  # deprecation messages already logged by this process
 
 
 class PBSConfigError(ValueError):
@@ -39,11 +52,12 @@ class PBSConfig(BaseModel):
         512, description="Permutation segment length (multiple of block_size)."
     )
     tau: float = Field(0.9, gt=0.0, le=1.0, description="Cumulative block-probability threshold.")
-    max_density: float | None = Field(
+    max_kept_fraction: float | None = Field(
         None,
         gt=0.0,
         le=1.0,
-        description="Cap on kept fraction of candidate blocks (none = no cap).",
+        description="Cap on the kept fraction of candidate key blocks per query block "
+        "(none = no cap); formerly max_density, which is still accepted.",
     )
     dense_fallback_len: int = Field(
         65536, ge=0, description="Prefills whose sequence is shorter than this run dense."
@@ -90,11 +104,12 @@ class PBSConfig(BaseModel):
     )
 
     cuda_graphs: bool = Field(
-        True,
+        False,
         description="Capture each prefill step's PBS work (estimation and FA3 attention) as "
         "CUDA graphs at its first layer and replay them for the other layers, so a layer "
         "costs a few launches of host time (fa3 attention kernel only); false = launch "
-        "every kernel from Python in every layer.",
+        "every kernel from Python in every layer (the default: the graphs cut host time "
+        "per layer 5x but did not yet shorten TTFT, and a new prompt length stalled once).",
     )
 
     @field_validator("block_size")
@@ -126,7 +141,7 @@ class PBSConfig(BaseModel):
             block_size=self.block_size,
             segment_size=self.segment_size,
             tau=self.tau,
-            max_density=self.max_density,
+            max_kept_fraction=self.max_kept_fraction,
             permute=self.permute,
             scoring=self.scoring,
             antidiagonal_stride=self.antidiagonal_stride,
@@ -141,26 +156,30 @@ class PBSConfig(BaseModel):
         env: Mapping[str, str] | None = None,
     ) -> PBSConfig:
         """Build from vLLM's additional_config dict (its "pbs" key) and `PBS_*` variables."""
-        values: dict[str, Any] = {}
         section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
         if not isinstance(section, Mapping):
             raise PBSConfigError(
                 f"additional_config.pbs = {section!r}: must be a JSON object of PBS settings"
             )
-        values.update(section)
+        values = dict(section)
+        names = {key: f"{ADDITIONAL_CONFIG_KEY}.{key}" for key in section}
+        renamed = _rename_deprecated(values, names, lambda k: f"{ADDITIONAL_CONFIG_KEY}.{k}")
         env_values, env_names = _from_env(os.environ if env is None else env)
+        renamed += _rename_deprecated(env_values, env_names, lambda k: ENV_PREFIX + k.upper())
         values.update(env_values)
+        names.update(env_names)
+        _warn_deprecated(renamed)
         try:
             return cls(**values)
         except ValidationError as e:
-            raise PBSConfigError(_describe(e, values, env_names)) from None
+            raise PBSConfigError(_describe(e, values, names)) from None
 
 
 _ALLOWED = {
     "block_size": "16, 32, 64, 128 or 256",
     "segment_size": "a positive multiple of block_size",
     "tau": "a number in (0, 1]",
-    "max_density": "a number in (0, 1], or null for no cap",
+    "max_kept_fraction": "a number in (0, 1], or null for no cap",
     "dense_fallback_len": "an integer >= 0",
     "dense_above": "a number in (0, 1], or null to never switch",
     "dense_hold_steps": "an integer >= 1",
@@ -187,7 +206,8 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
         if not name.startswith(ENV_PREFIX) or name in _NON_FIELD_ENV:
             continue
         field = name[len(ENV_PREFIX) :].lower()
-        if field not in PBSConfig.model_fields and not difflib.get_close_matches(
+        known = field in PBSConfig.model_fields or field in DEPRECATED_NAMES
+        if not known and not difflib.get_close_matches(
             field, PBSConfig.model_fields, n=1, cutoff=0.8
         ):
             continue
@@ -202,13 +222,51 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     return values, names
 
 
-def _describe(err: ValidationError, values: Mapping[str, Any], env_names: Mapping[str, str]) -> str:
-    """One message per problem: where it came from, field, value, what is allowed."""
+def _rename_deprecated(
+    values: dict[str, Any], names: dict[str, str], spell: Callable[[str], str]
+) -> list[tuple[str, str]]:
+    """Move the deprecated names of one source (`DEPRECATED_NAMES`) to the current ones, in
+    place in `values` and in `names` (setting -> where it was given: `pbs.tau`, `PBS_TAU`);
+    `spell` writes a setting's name the way this source does.
+
+    Returns (where the old name was given, how to give the new one) per renamed setting;
+    a source that gives both names of one setting is a PBSConfigError naming both.
+    """
+    renamed = []
+    for old, new in DEPRECATED_NAMES.items():
+        if old not in values:
+            continue
+        old_where, new_where = names.pop(old), spell(new)
+        if new in values:
+            raise PBSConfigError(
+                f"invalid PBS configuration: {old_where} and {names[new]} are both given; "
+                f"{old} is the deprecated name of {new}: give only {names[new]}"
+            )
+        values[new] = values.pop(old)
+        names[new] = old_where
+        renamed.append((old_where, new_where))
+    return renamed
+
+
+def _warn_deprecated(renamed: list[tuple[str, str]]) -> None:
+    """One warning line for the deprecated names of a load, once per process."""
+    if not renamed:
+        return
+    msg = "PBS configuration: " + "; ".join(
+        f"{old} is deprecated, use {new} (same meaning)" for old, new in renamed
+    )
+    if msg not in _warned:
+        _warned.add(msg)
+        logger.warning(msg)
+
+
+def _describe(err: ValidationError, values: Mapping[str, Any], names: Mapping[str, str]) -> str:
+    """One message per problem: where it came from (`names`), field, value, what is allowed."""
     lines = []
     for item in err.errors(include_url=False):
         loc = [str(p) for p in item["loc"] if not str(p).startswith(("function-", "literal["))]
         field = loc[0] if loc else None
-        where = env_names.get(field) if field else None
+        where = names.get(field) if field else None
         where = where or (f"{ADDITIONAL_CONFIG_KEY}.{field}" if field else ADDITIONAL_CONFIG_KEY)
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":

@@ -2,8 +2,9 @@
 
 Metrics (created on first use, in the process that records them):
   pbs:prefill_tokens_total{path="sparse"|"dense"}  counter, prefill tokens by attention path
-  pbs:prefill_density                               gauge, latest achieved mask density
-                                                    (computed / causally visible key blocks)
+  pbs:prefill_density                               gauge, latest achieved mask density:
+                                                    the computed fraction of the causally
+                                                    visible key blocks
   pbs:fallback_total{reason=...}                    counter, prefills sent to dense attention:
                                                     short_prompt (per request and step),
                                                     dense_mask (per layer and step),
@@ -42,8 +43,8 @@ def _metrics():
     )
     density = Gauge(
         "pbs:prefill_density",
-        "Achieved PBS mask density of the latest sampled sparse prefill (computed over "
-        "causally visible key blocks).",
+        "Achieved PBS mask density of the latest sampled sparse prefill (the computed "
+        "fraction of the causally visible key blocks).",
         multiprocess_mode="mostrecent",
     )
     fallbacks = Counter(

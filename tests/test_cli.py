@@ -30,7 +30,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def table_rows(stdout: str) -> dict[tuple[str, str], list[float]]:
-    """(tau, method) -> [density, recall, rel_error] from the printed table."""
+    """(tau, method) -> [pair_fraction, recall, rel_error] from the printed table."""
     rows = {}
     for line in stdout.splitlines():
         parts = line.split()
@@ -58,6 +58,7 @@ def test_inspect_synthetic_writes_table_and_png(tmp_path, request):
     assert res.returncode == 0, res.stderr
     rows = table_rows(res.stdout)
     assert {m for _, m in rows} == set(METHODS) and {t for t, _ in rows} == {"0.80"}
+    assert res.stdout.split()[:5] == ["tau", "method", "pair_fraction", "recall", "rel_error"]
     pbs, oracle = rows["0.80", "pbs"], rows["0.80", "oracle"]
     assert 0.0 < pbs[0] < 1.0 and 0.0 < pbs[1] <= 1.0 and pbs[2] > 0.0
     assert oracle[0] == pbs[0]
@@ -92,8 +93,11 @@ def test_fidelity_table_and_csv(tmp_path):
     rows = table_rows(res.stdout)
     assert len(rows) == 2 * len(METHODS)
     assert rows["0.80", "pbs"][0] < rows["0.95", "pbs"][0]
+    header = ["tau", "method", "pair_fraction", "recall", "rel_error"]
+    assert header in [line.split() for line in res.stdout.splitlines()]
     with open(out) as f:
         back = list(csv.DictReader(f))
+    assert list(back[0]) == header
     assert [(f"{float(r['tau']):.2f}", r["method"]) for r in back] == list(rows)
     assert "tau" in res.stderr  # the tqdm progress bar
 

@@ -77,7 +77,7 @@ def test_setting_config_each_setting():
     assert cfg["unpermuted-matched"] == {
         "tau": 1.0,
         "permute": False,
-        "max_density": 0.2,
+        "max_kept_fraction": 0.2,
         **NEVER_DENSE,
     }
     for c in cfg.values():
@@ -91,8 +91,8 @@ def test_setting_config_each_setting():
 def test_setting_config_matched_density():
     s = SETTINGS["unpermuted-matched"]
     dens = {("pbs-sparse", 8192): 0.31, ("pbs-sparse", 16384): 0.12}
-    assert compare.setting_config(s, 8192, dens)["max_density"] == 0.31
-    assert compare.setting_config(s, 16384, dens)["max_density"] == 0.12
+    assert compare.setting_config(s, 8192, dens)["max_kept_fraction"] == 0.31
+    assert compare.setting_config(s, 16384, dens)["max_kept_fraction"] == 0.12
     with pytest.raises(MissingDensityError, match=r"'unpermuted-matched' at length 32768.*"):
         compare.setting_config(s, 32768, dens)
     with pytest.raises(MissingDensityError, match="run 'pbs-sparse' at length 4096 first"):

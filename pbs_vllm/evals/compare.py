@@ -2,10 +2,11 @@
 
 A `Setting` names one engine configuration: the platform's stock attention backend
 (`flash`: FLASH_ATTN on CUDA, CPU_ATTN on the CPU) or the PBS backend with overrides of
-`pbs_vllm.config.PBSConfig`. One setting, `unpermuted-matched`, takes its density cap from
-a measurement: the mean density of `pbs-sparse` at the same length, so the unpermuted
-ablation keeps the same fraction of blocks as PBS. `order_settings` puts such
-dependencies first.
+`pbs_vllm.config.PBSConfig`. One setting, `unpermuted-matched`, takes its cap on the kept
+fraction of candidate blocks (`max_kept_fraction`) from a measurement: the mean density
+(computed fraction of the causally visible key blocks) of `pbs-sparse` at the same length,
+so the unpermuted ablation keeps about the same fraction of blocks as PBS.
+`order_settings` puts such dependencies first.
 
 Comparisons against the reference setting (`flash`), per sample:
 - first-token agreement: whether the greedy first generated token is the same;
@@ -34,7 +35,7 @@ class MissingDensityError(LookupError):
 class Setting:
     """One engine configuration. `pbs`: PBSConfig overrides (backend 'pbs' only);
     `match_density_of`: a setting whose measured mean density at the same length becomes
-    this one's `max_density`."""
+    this one's `max_kept_fraction`."""
 
     name: str
     backend: Literal["stock", "pbs"]
@@ -146,7 +147,7 @@ def setting_config(
         densities = densities or {}
         if (dep, length) not in densities:
             raise MissingDensityError(
-                f"setting {s.name!r} at length {length} caps its density at the measured "
+                f"setting {s.name!r} at length {length} caps its kept fraction at the measured "
                 f"mean density of {dep!r} at that length, which is not known: run {dep!r} "
                 f"at length {length} first (it failed or was not run)"
             )
@@ -160,7 +161,7 @@ def setting_config(
             raise MissingDensityError(
                 f"setting {s.name!r} at length {length}: {dep!r}'s density {d!r} is not in (0, 1]"
             )
-        config["max_density"] = float(d)
+        config["max_kept_fraction"] = float(d)
     return config
 
 

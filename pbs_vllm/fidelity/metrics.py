@@ -29,12 +29,13 @@ def attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Fidelity:
-    """density: computed / causally visible (query, key) pairs, mean over KV heads.
+    """pair_fraction: computed / causally visible (query, key) pairs, mean over KV heads
+    (token level; `PBSBlockMask.density()` is the block-level fraction).
     recall: dense attention mass on the computed keys, mean over queries and query heads.
     rel_error: ||out_sparse - out_dense||_F / ||out_dense||_F over all queries and heads.
     """
 
-    density: float
+    pair_fraction: float
     recall: float
     rel_error: float
 
@@ -55,10 +56,10 @@ def mask_fidelity(
         )
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     kept = token_mask.cpu() & causal
-    density = kept.sum().item() / (causal.sum().item() * kept.shape[0])
+    pair_fraction = kept.sum().item() / (causal.sum().item() * kept.shape[0])
     kept_q = kept.repeat_interleave(hq // kept.shape[0], dim=0)
     masked = probs * kept_q
     mass = masked.sum(dim=-1)  # [Hq, N]
     out = attend(masked / mass[..., None], v)
     rel_error = ((out - out_dense).norm() / out_dense.norm()).item()
-    return Fidelity(density=density, recall=mass.mean().item(), rel_error=rel_error)
+    return Fidelity(pair_fraction=pair_fraction, recall=mass.mean().item(), rel_error=rel_error)

@@ -3,7 +3,7 @@
 Methods (all on one whole prompt, masks from the plain-PyTorch reference estimator):
   pbs                 PBS at tau (permute=True, mean pooling)
   unpermuted          the unpermuted ablation at the same tau (permute=False)
-  unpermuted-matched  unpermuted with PBS's budget: tau=1 and max_density = f, the fraction
+  unpermuted-matched  unpermuted with PBS's budget: tau=1 and max_kept_fraction = f, the fraction
                       of candidate blocks PBS kept; every query block keeps ceil(f * its
                       candidates) blocks, so its total is >= PBS's (never less compute)
   oracle              per query block and KV head, PBS's number of original-order key blocks
@@ -33,11 +33,11 @@ METHODS = ("pbs", "unpermuted", "unpermuted-matched", "oracle")
 
 @dataclass(frozen=True)
 class ReportRow:
-    """One method at one tau; density / recall / rel_error as in `metrics.Fidelity`."""
+    """One method at one tau; pair_fraction / recall / rel_error as in `metrics.Fidelity`."""
 
     tau: float
     method: str
-    density: float
+    pair_fraction: float
     recall: float
     rel_error: float
 
@@ -61,7 +61,7 @@ class PromptAttention:
 
     def row(self, tau: float, method: str, mask: PBSBlockMask) -> ReportRow:
         fid = mask_fidelity(mask.to_dense(0), self.probs, self.v, self.out)
-        return ReportRow(tau, method, fid.density, fid.recall, fid.rel_error)
+        return ReportRow(tau, method, fid.pair_fraction, fid.recall, fid.rel_error)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -100,7 +100,7 @@ def compare_at_tau(
         "pbs": pbs,
         "unpermuted": prompt.mask(replace(params, permute=False)),
         "unpermuted-matched": prompt.mask(
-            replace(params, permute=False, tau=1.0, max_density=min(1.0, frac))
+            replace(params, permute=False, tau=1.0, max_kept_fraction=min(1.0, frac))
         ),
         "oracle": topk_oracle_mask(prompt.probs, pbs),
     }
@@ -114,7 +114,7 @@ def fidelity_report(
     segment_size: int,
     progress: bool = False,
 ) -> list[ReportRow]:
-    """compare_at_tau for each tau (mean pooling, sink kept, no density cap)."""
+    """compare_at_tau for each tau (mean pooling, sink kept, no max_kept_fraction cap)."""
     rows = []
     for tau in tqdm(list(taus), desc="tau", disable=not progress):
         params = SparsityParams(block_size=block_size, segment_size=segment_size, tau=tau)
@@ -124,16 +124,16 @@ def fidelity_report(
 
 def format_table(rows: Sequence[ReportRow]) -> str:
     """Fixed-width text table, one line per row."""
-    lines = [f"{'tau':>5}  {'method':<19} {'density':>8} {'recall':>8} {'rel_error':>10}"]
+    lines = [f"{'tau':>5}  {'method':<19} {'pair_fraction':>13} {'recall':>8} {'rel_error':>10}"]
     lines += [
-        f"{r.tau:>5.2f}  {r.method:<19} {r.density:>8.4f} {r.recall:>8.4f} {r.rel_error:>10.4f}"
+        f"{r.tau:>5.2f}  {r.method:<19} {r.pair_fraction:>13.4f} {r.recall:>8.4f} {r.rel_error:>10.4f}"
         for r in rows
     ]
     return "\n".join(lines)
 
 
 def write_csv(rows: Sequence[ReportRow], path: str | Path) -> None:
-    """Rows as CSV with a header: tau, method, density, recall, rel_error."""
+    """Rows as CSV with a header: tau, method, pair_fraction, recall, rel_error."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(ReportRow.__dataclass_fields__))
         writer.writeheader()

@@ -74,7 +74,7 @@ def test_sparse_path_matches_kernel_reference_with_its_mask(harness_factory):
         "block_size": 16,
         "segment_size": 32,
         "tau": 0.5,
-        "max_density": 0.3,
+        "max_kept_fraction": 0.3,
         "dense_fallback_len": 0,
         "stats_log_interval_s": 1e-9,
     }
@@ -209,7 +209,13 @@ def test_dense_masks_switch_the_layer_to_the_stock_kernel(
 def test_sparse_masks_below_dense_above_run_pbs(harness_factory, monkeypatch):
     calls = _count_pbs_attention(monkeypatch)
     h = harness_factory(
-        {**FULL_MASK, "tau": 1.0, "max_density": 0.25, "dense_above": 0.6, "dense_fallback_len": 0}
+        {
+            **FULL_MASK,
+            "tau": 1.0,
+            "max_kept_fraction": 0.25,
+            "dense_above": 0.6,
+            "dense_fallback_len": 0,
+        }
     )
     STATS.reset()
     h.step(PREFILLS)
@@ -253,7 +259,7 @@ def test_sparse_step_ends_the_dense_hold(harness_factory, monkeypatch):
     estimated = _count_impl_calls(monkeypatch, "prefill_mask")
     calls = _count_pbs_attention(monkeypatch)
     h = harness_factory(
-        {**FULL_MASK, "max_density": 0.25, "dense_above": 0.6, "dense_fallback_len": 0}
+        {**FULL_MASK, "max_kept_fraction": 0.25, "dense_above": 0.6, "dense_fallback_len": 0}
     )
     short, long = [Req(0, 48)], [Req(160, 32)]
     per_step = []

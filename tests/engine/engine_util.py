@@ -18,11 +18,11 @@ PBS_FULL = {
     "segment_size": 32,
     "tau": 1.0,
     "dense_above": None,  # full masks must run the PBS kernels, not switch to stock
-    "max_density": None,
+    "max_kept_fraction": None,
     "dense_fallback_len": 0,
     "stats_log_interval_s": 1e-6,
 }
-PBS_SPARSE = {**PBS_FULL, "tau": 0.5, "max_density": 0.3}
+PBS_SPARSE = {**PBS_FULL, "tau": 0.5, "max_kept_fraction": 0.3}
 VOCAB = (3, 600)  # ids the tiny tokenizer (605 tokens) knows, specials excluded
 
 

@@ -24,7 +24,7 @@ GPU_PBS = {
     "segment_size": 128,
     "tau": 1.0,
     "dense_above": None,  # full masks must run the PBS kernels, not switch to stock
-    "max_density": None,
+    "max_kept_fraction": None,
     "dense_fallback_len": 0,
     "stats_log_interval_s": 1e-6,
 }
@@ -78,7 +78,7 @@ def test_gpu_sparse_path_on_dummy_weights_at_real_head_size(tmp_path):
         "block_size": 128,
         "segment_size": 256,
         "tau": 0.9,
-        "max_density": 0.3,
+        "max_kept_fraction": 0.3,
         "dense_fallback_len": 0,
         "stats_log_interval_s": 1e-6,
     }

@@ -41,7 +41,7 @@ def test_full_causal_mask_is_perfect(gen):
     q, k, v = _qkv(gen)
     probs = dense_probs(q, k, 0.25)
     fid = mask_fidelity(torch.ones(HKV, N, N, dtype=torch.bool), probs, v, attend(probs, v))
-    assert fid.density == pytest.approx(1.0)
+    assert fid.pair_fraction == pytest.approx(1.0)
     assert fid.recall == pytest.approx(1.0)
     assert fid.rel_error == pytest.approx(0.0, abs=1e-12)
 
@@ -58,7 +58,9 @@ def test_random_mask_matches_masked_sdpa(gen):
     expect_out = _sdpa(q, k, v, allowed)
     assert fid.rel_error == pytest.approx(((expect_out - out).norm() / out.norm()).item())
     assert fid.recall == pytest.approx((probs * allowed).sum(-1).mean().item())
-    assert fid.density == pytest.approx((mask & causal).sum().item() / (HKV * N * (N + 1) / 2))
+    assert fid.pair_fraction == pytest.approx(
+        (mask & causal).sum().item() / (HKV * N * (N + 1) / 2)
+    )
     assert 0.0 < fid.recall < 1.0 and fid.rel_error > 0.0
 
 

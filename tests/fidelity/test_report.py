@@ -30,12 +30,15 @@ def test_pbs_beats_unpermuted_at_matched_budget(prompt, tmp_path):
     assert len(rows) == len(TAUS) * len(METHODS)
     for tau in TAUS:
         pbs, matched, oracle = by[tau, "pbs"], by[tau, "unpermuted-matched"], by[tau, "oracle"]
-        assert 0.3 < pbs.density < 0.95  # really sparse, not everything kept
-        assert matched.density >= pbs.density  # the unpermuted side never gets less compute
+        assert 0.3 < pbs.pair_fraction < 0.95  # really sparse, not everything kept
+        # the unpermuted side never gets less compute
+        assert matched.pair_fraction >= pbs.pair_fraction
         assert pbs.recall > matched.recall
-        assert oracle.density == pytest.approx(pbs.density)
+        assert oracle.pair_fraction == pytest.approx(pbs.pair_fraction)
     # a higher tau keeps more, covers more
-    assert by[0.8, "pbs"].density < by[0.9, "pbs"].density < by[0.95, "pbs"].density
+    assert (
+        by[0.8, "pbs"].pair_fraction < by[0.9, "pbs"].pair_fraction < by[0.95, "pbs"].pair_fraction
+    )
     assert by[0.8, "pbs"].recall < by[0.95, "pbs"].recall
 
     table = format_table(rows)
@@ -45,6 +48,8 @@ def test_pbs_beats_unpermuted_at_matched_budget(prompt, tmp_path):
     with open(path) as f:
         back = list(csv.DictReader(f))
     assert [(float(r["tau"]), r["method"]) for r in back] == [(r.tau, r.method) for r in rows]
+    assert list(back[0]) == ["tau", "method", "pair_fraction", "recall", "rel_error"]
+    assert float(back[0]["pair_fraction"]) == pytest.approx(rows[0].pair_fraction)
     assert float(back[0]["recall"]) == pytest.approx(rows[0].recall)
 
 
@@ -52,7 +57,7 @@ def test_tau_one_is_dense(seed):
     s = make_synthetic_qkv(SyntheticSpec(seq_len=256, seed=seed))
     (row, *_) = fidelity_report(PromptAttention(s.q, s.k, s.v), [1.0], 32, 64)
     assert row.method == "pbs"
-    assert row.density == pytest.approx(1.0)
+    assert row.pair_fraction == pytest.approx(1.0)
     assert row.recall == pytest.approx(1.0)
     assert row.rel_error < 1e-6
 

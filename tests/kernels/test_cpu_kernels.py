@@ -54,7 +54,7 @@ B16_S32 = dict(block_size=16, segment_size=32)
         (SparsityParams(**B16_S32, tau=0.8), 4, 64, 16, "k_transposed", torch.float32),
         (SparsityParams(**B16_S32, tau=0.6, keep_sink=False), 7, 64, 16, "fused", torch.float32),
         (
-            SparsityParams(block_size=16, segment_size=64, tau=0.9, max_density=0.3),
+            SparsityParams(block_size=16, segment_size=64, tau=0.9, max_kept_fraction=0.3),
             4,
             128,
             8,
@@ -79,7 +79,7 @@ B16_S32 = dict(block_size=16, segment_size=32)
             torch.float32,
         ),
     ],
-    ids=["g1-d128", "g4", "g7-no_sink", "density_cap-s64", "fp16-pooled", "unpermuted", "pbs+"],
+    ids=["g1-d128", "g4", "g7-no_sink", "kept_cap-s64", "fp16-pooled", "unpermuted", "pbs+"],
 )
 def test_mask_equals_triton(
     gen, paged_kv, monkeypatch, params, group, head_dim, page_size, layout, dtype

@@ -125,7 +125,7 @@ B16_S32 = dict(block_size=16, segment_size=32)
         (SparsityParams(**B16_S32, tau=0.8, exact_last_block=False), 2, 64),
         (SparsityParams(**B16_S32, tau=0.8), 4, 64),
         (SparsityParams(**B16_S32, tau=0.8), 7, 64),
-        (SparsityParams(block_size=16, segment_size=64, tau=0.9, max_density=0.3), 4, 128),
+        (SparsityParams(block_size=16, segment_size=64, tau=0.9, max_kept_fraction=0.3), 4, 128),
         (SparsityParams(**B16_S32, tau=0.6, keep_sink=False), 7, 64),
         (SparsityParams(**B16_S32, tau=0.5, permute=False), 1, 64),
         (SparsityParams(**B16_S32, tau=0.7, scoring="antidiagonal", antidiagonal_stride=4), 4, 64),
@@ -140,7 +140,7 @@ B16_S32 = dict(block_size=16, segment_size=32)
         "pooled_last_block",
         "mean-g4",
         "mean-g7",
-        "density_cap",
+        "kept_cap",
         "no_sink",
         "unpermuted",
         "antidiagonal",
@@ -185,13 +185,13 @@ def test_tau_one_selects_every_candidate(gen, paged_kv):
         assert per_head == [list(range(candidates(mask, k))) for k in range(len(mask.qblocks))]
 
 
-@pytest.mark.parametrize("max_density", [0.1, 0.25, 0.5])
-def test_max_density_bounds_selection(gen, paged_kv, max_density):
+@pytest.mark.parametrize("max_kept_fraction", [0.1, 0.25, 0.5])
+def test_max_kept_fraction_bounds_selection(gen, paged_kv, max_kept_fraction):
     q, kv = make_inputs(gen, paged_kv, BATCH, 2, 4, 64, 16, spread=0.5)  # flat attention
-    params = SparsityParams(16, 32, tau=0.99, max_density=max_density)
+    params = SparsityParams(16, 32, tau=0.99, max_kept_fraction=max_kept_fraction)
     mask = build_block_mask(q, kv, BATCH, params, 0.125)
     for k in range(len(mask.qblocks)):
-        cap = max(1, math.ceil(max_density * candidates(mask, k) - 1e-9))
+        cap = max(1, math.ceil(max_kept_fraction * candidates(mask, k) - 1e-9))
         if candidates(mask, k):
             assert (mask.kv_num_blocks[:, k] == cap).all()  # flat: tau alone keeps more
         else:
@@ -202,7 +202,7 @@ def test_max_density_bounds_selection(gen, paged_kv, max_density):
 def test_sink_block_forced(gen, paged_kv, keep_sink):
     batch = ChunkBatch(q_lens=[64], ctx_lens=[192])
     q, kv = make_inputs(gen, paged_kv, batch, 2, 2, 64, 16, spread=3.0)  # peaky attention
-    params = SparsityParams(16, 32, tau=0.2, max_density=0.1, keep_sink=keep_sink)
+    params = SparsityParams(16, 32, tau=0.2, max_kept_fraction=0.1, keep_sink=keep_sink)
     mask = build_block_mask(q, kv, batch, params, 0.125)
     sink = [int((mask.perm[h, :32] == 0).nonzero()) // 16 for h in range(2)]
     has_sink = [[sink[h] in sel for sel in per_head] for h, per_head in enumerate(selections(mask))]
@@ -277,7 +277,7 @@ def test_permutation_gathers_scattered_heavy_hitters(gen, paged_kv):
     mass = {}
     for permute in (True, False):
         params = SparsityParams(
-            blk, seg, tau=1.0, max_density=0.25, permute=permute, keep_sink=False
+            blk, seg, tau=1.0, max_kept_fraction=0.25, permute=permute, keep_sink=False
         )
         mask = build_block_mask(q, kv, batch, params, scale)
         assert (mask.kv_num_blocks == 4).all()

@@ -38,8 +38,8 @@ _P = dict(block_size=BS, segment_size=SS)
         (1, True, SparsityParams(**_P, tau=0.9)),
         (4, True, SparsityParams(**_P, tau=0.5, keep_sink=False)),
         (7, True, SparsityParams(**_P, tau=1.0)),
-        (1, False, SparsityParams(**_P, tau=0.95, max_density=0.3)),
-        (7, True, SparsityParams(**_P, tau=1.0, max_density=0.1)),
+        (1, False, SparsityParams(**_P, tau=0.95, max_kept_fraction=0.3)),
+        (7, True, SparsityParams(**_P, tau=1.0, max_kept_fraction=0.1)),
     ],
     ids=[
         "g7-tau0.9",

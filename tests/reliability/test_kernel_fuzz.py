@@ -42,7 +42,7 @@ def sparsity_params(draw) -> SparsityParams:
         block_size=block,
         segment_size=block * draw(st.sampled_from([1, 2, 4])),
         tau=draw(st.sampled_from([0.3, 0.6, 0.9, 1.0])),
-        max_density=draw(st.sampled_from([None, 0.2, 0.5])),
+        max_kept_fraction=draw(st.sampled_from([None, 0.2, 0.5])),
         permute=draw(st.booleans()),
         scoring=scoring,
         antidiagonal_stride=draw(st.sampled_from([2, 4, 16])) if scoring != "mean" else 8,
