@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from functools import partial
 
 import torch
 from bench_ttft import parse_length  # sibling script: run this one as a file, like it
 
 from pbs_vllm.kernels import ChunkBatch, PagedKV, SparsityParams, prefill_mask
-from pbs_vllm.kernels.graphs import StepGraphs
+from pbs_vllm.kernels.graphs import StepGraphs, capture_prefill
 from pbs_vllm.kernels.plan import plan_step
 from pbs_vllm.kernels.varlen import pbs_attention_varlen
 from pbs_vllm.testing import structured_qkv
@@ -71,6 +70,9 @@ def main() -> None:
     inputs = layer_inputs(args.layers, n, q_len, hq, hkv, d, 16, gen)
     outs = [torch.empty_like(q) for q, _ in inputs]
 
+    def attend(q, kv, mask, scale, out):
+        pbs_attention_varlen(q, kv, mask, scale, fa3, out=out)
+
     def eager_step(b: ChunkBatch) -> None:
         for (q, kv), out in zip(inputs, outs, strict=True):
             mask = prefill_mask(q, kv, b, params, scale)
@@ -81,11 +83,7 @@ def main() -> None:
         for i, ((q, kv), out) in enumerate(zip(inputs, outs, strict=True)):
             g.bind(q, kv.key_cache, kv.value_cache)
             if i == 0:
-                view = PagedKV(g.key_cache, g.value_cache, kv.block_table, g.offset)
-                work = g.capture("estimate", partial(prefill_mask, g.q, view, b, params, scale))
-                g.capture(
-                    "attend", partial(pbs_attention_varlen, g.q, view, work, scale, fa3, out=g.out)
-                )
+                capture_prefill(g, kv.block_table, b, params, scale, attend)
             g.replay("estimate")
             g.replay("attend")
             out.copy_(g.out)

@@ -147,8 +147,18 @@ class StepGraphs:
         self._graphs[name].replay()
         return self.outputs[name]
 
-    def _index(self) -> int:
-        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+def capture_prefill(graphs: StepGraphs, block_table, batch, params, scale: float, attend):
+    """Capture one prefill run's estimation ("estimate": its mask) and attention ("attend":
+    into `graphs.out`) over `graphs.q` and the bound cache; returns the captured mask.
+    attend(q, kv, mask, scale, out) is the prefill attention (FA3 route)."""
+    from pbs_vllm.kernels.paged import PagedKV
+    from pbs_vllm.kernels.prefill import prefill_mask
+
+    view = PagedKV(graphs.key_cache, graphs.value_cache, block_table, graphs.offset)
+    mask = graphs.capture("estimate", lambda: prefill_mask(graphs.q, view, batch, params, scale))
+    graphs.capture("attend", lambda: attend(graphs.q, view, mask, scale, graphs.out))
+    return mask
 
 
 def check_step_graphs(
@@ -175,8 +185,6 @@ def check_step_graphs(
     from pbs_vllm.kernels.prefill import prefill_mask
 
     device = torch.device(device)
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     n = 4 * params.segment_size + params.block_size // 2 + 3  # permuted region, off-block end
     q_len = params.block_size + 5
     batch = ChunkBatch([q_len], [n - q_len])
@@ -201,13 +209,7 @@ def check_step_graphs(
             if not graphs.bind(q, kv.key_cache, kv.value_cache):
                 return "a second layer's cache cannot stand in for the first's"
             if i == 0:
-                view = PagedKV(graphs.key_cache, graphs.value_cache, table, graphs.offset)
-                mask = graphs.capture(
-                    "estimate", lambda v=view: prefill_mask(graphs.q, v, batch, params, scale)
-                )
-                graphs.capture(
-                    "attend", lambda v=view, m=mask: attend(graphs.q, v, m, scale, graphs.out)
-                )
+                capture_prefill(graphs, table, batch, params, scale, attend)
             graphs.replay("estimate")
             graphs.replay("attend")
         q, kv = layers[1]

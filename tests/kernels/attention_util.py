@@ -46,3 +46,22 @@ def _truth(q, k, v, batch: ChunkBatch, token_masks, scale):
         lses.append(scores.logsumexp(-1))
         k_start += n
     return torch.cat(outs, 1).transpose(0, 1), torch.cat(lses, 1)
+
+
+def _fa3():
+    """vLLM's FA3 varlen function (fa_version=3 bound), or None without a Hopper GPU and
+    vLLM's FA3."""
+    try:
+        from vllm.vllm_flash_attn.flash_attn_interface import (
+            flash_attn_varlen_func,
+            is_fa_version_supported,
+        )
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or not is_fa_version_supported(3):
+        return None
+
+    def fa3(*args, **kwargs):
+        return flash_attn_varlen_func(*args, **kwargs, fa_version=3)
+
+    return fa3

@@ -10,18 +10,16 @@ other layers give exactly what the eager calls give on those layers.
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
-from attention_util import _random_qkv
+from attention_util import _fa3, _random_qkv
 
 from pbs_vllm.kernels import varlen
 from pbs_vllm.kernels.attention import _row_table, pbs_attention
 from pbs_vllm.kernels.attention_ref import varlen_attention_ref
 from pbs_vllm.kernels.block_mask import dense_block_mask, random_block_mask
 from pbs_vllm.kernels.estimate import build_block_mask
-from pbs_vllm.kernels.graphs import StepGraphs
+from pbs_vllm.kernels.graphs import StepGraphs, capture_prefill
 from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
 from pbs_vllm.kernels.params import SparsityParams
 from pbs_vllm.kernels.prefill import prefill_mask
@@ -129,23 +127,6 @@ def test_plan_for_batch_is_the_masks_plan(gen):
 # --- GPU ----------------------------------------------------------------------------------
 
 
-def _fa3():
-    try:
-        from vllm.vllm_flash_attn.flash_attn_interface import (
-            flash_attn_varlen_func,
-            is_fa_version_supported,
-        )
-    except ImportError:
-        return None
-    if not torch.cuda.is_available() or not is_fa_version_supported(3):
-        return None
-
-    def fa3(*args, **kwargs):
-        return flash_attn_varlen_func(*args, **kwargs, fa_version=3)
-
-    return fa3
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize(("group", "head_dim", "hkv"), [(7, 64, 2), (4, 128, 8)])
 def test_gpu_step_graphs_replay_other_layers_exactly(paged_kv, group, head_dim, hkv):
@@ -156,6 +137,10 @@ def test_gpu_step_graphs_replay_other_layers_exactly(paged_kv, group, head_dim, 
     fa3 = _fa3()
     if fa3 is None:
         pytest.skip("needs a Hopper GPU and vLLM's FA3")
+
+    def attend(q, kv, mask, scale, out):
+        varlen.pbs_attention_varlen(q, kv, mask, scale, fa3, out=out)
+
     batch = ChunkBatch(q_lens=[3000, 700, 1], ctx_lens=[0, 4100, 2000])
     layers = _layers(paged_kv, 4, batch, hkv * group, hkv, head_dim, torch.bfloat16, "cuda", 11)
     params = SparsityParams(block_size=128, segment_size=512, tau=0.9)
@@ -165,16 +150,7 @@ def test_gpu_step_graphs_replay_other_layers_exactly(paged_kv, group, head_dim, 
     for i, (q, kv) in enumerate(layers):
         assert graphs.bind(q, kv.key_cache, kv.value_cache)
         if i == 0:
-            view = PagedKV(graphs.key_cache, graphs.value_cache, kv.block_table, graphs.offset)
-            work = graphs.capture(
-                "estimate", partial(prefill_mask, graphs.q, view, batch, params, scale)
-            )
-            graphs.capture(
-                "attend",
-                partial(
-                    varlen.pbs_attention_varlen, graphs.q, view, work, scale, fa3, out=graphs.out
-                ),
-            )
+            capture_prefill(graphs, kv.block_table, batch, params, scale, attend)
         graphs.out.fill_(float("nan"))
         mask = graphs.replay("estimate")
         graphs.replay("attend")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_util import _causal_masks, _random_qkv, _rel_err, _truth
+from attention_util import _causal_masks, _fa3, _random_qkv, _rel_err, _truth
 
 from pbs_vllm.kernels import varlen
 from pbs_vllm.kernels.attention_ref import pbs_attention_ref, varlen_attention_ref
@@ -153,23 +153,6 @@ def test_reference_rejects_sizes_beyond_the_maxima():
 
 
 # --- GPU: the FA3 kernel bundled with vLLM ------------------------------------------------
-
-
-def _fa3():
-    try:
-        from vllm.vllm_flash_attn.flash_attn_interface import (
-            flash_attn_varlen_func,
-            is_fa_version_supported,
-        )
-    except ImportError:
-        return None
-    if not torch.cuda.is_available() or not is_fa_version_supported(3):
-        return None
-
-    def fa3(*args, **kwargs):
-        return flash_attn_varlen_func(*args, **kwargs, fa_version=3)
-
-    return fa3
 
 
 _GPU_CASES = [(4, 128, 8), (7, 64, 2), (1, 64, 4)]
