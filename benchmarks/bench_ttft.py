@@ -130,14 +130,18 @@ def run_worker(args: argparse.Namespace) -> None:
     stats = _stats() if pbs is not None else None
     # Warm-up: kernel compilation and autotuning, a single-chunk and a two-chunk prompt.
     for n in args.warmup_lengths:
-        ttft(n)
+        first_request(lambda n=n: ttft(n), args, f"warmup-{n}")
     for n in args.lengths:
+        # The first request at a length, apart from the timed ones (a stall shows here,
+        # with its Python profile when it is slow).
+        first = first_request(lambda n=n: ttft(n), args, str(n))
         times = [ttft(n) for _ in range(args.reps)]
         row = {
             "config": args.config,
             "length": n,
             "ttft_s": statistics.median(times),
             "ttft_all_s": times,
+            "first_s": first,
         }
         if stats is not None:
             # One more, untimed prefill with a density sample at every layer and step
@@ -175,6 +179,32 @@ def run_worker(args: argparse.Namespace) -> None:
             "decode_batch": args.decode_batch,
         }
         print("RESULT " + json.dumps(row), flush=True)
+
+
+# A first request slower than this is a stall worth its Python profile.
+STALL_S = 1.0
+
+
+def first_request(run, args: argparse.Namespace, label: str) -> float:
+    """Run `run()` (the first prefill at a length) under cProfile; returns its seconds.
+
+    A run slower than STALL_S writes its 30 costliest functions (cumulative time) to
+    first-<config>-<label>.txt in --out, so a stall names where it waited (a compile, a
+    capture, an allocation)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    seconds = prof.runcall(run)
+    if seconds > STALL_S and args.out is not None:
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"first-{args.config}-{label}.txt"
+        path.write_text(f"first request {seconds:.3f} s\n{text.getvalue()}")
+        print(f"stall: first request at {label} took {seconds:.2f} s -> {path}", flush=True)
+    return seconds
 
 
 def write_profile(run, path: Path) -> None:
@@ -250,7 +280,9 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         if args.max_num_batched_tokens:
             cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         if args.profile:
-            cmd += ["--profile", str(args.profile), "--out", str(args.out or ".")]
+            cmd += ["--profile", str(args.profile)]
+        if args.profile or args.out:
+            cmd += ["--out", str(args.out or ".")]
         cmd += ["--warmup-lengths", ",".join(map(str, args.warmup_lengths))]
         t0 = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -264,7 +296,9 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         if proc.returncode != 0:
             print(proc.stderr[-4000:], flush=True)
         if args.out:  # the engine's PBS lines (kernel choice, warm-up, fallbacks) and errors
-            keep = [ln for ln in proc.stderr.splitlines() if _ENGINE_LOG.search(ln)]
+            # (vLLM's logger writes to stdout, tracebacks go to stderr)
+            lines = proc.stdout.splitlines() + proc.stderr.splitlines()
+            keep = [ln for ln in lines if _ENGINE_LOG.search(ln) or ln.startswith("stall:")]
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / f"engine-{name}.log").write_text("\n".join(keep[-400:]) + "\n")
         rows += got

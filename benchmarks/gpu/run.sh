@@ -12,7 +12,8 @@
 #            as qwen05-NN parts, docs/models.md) into /tmp/qwen-hf; one layer's chunk benchmark
 #   native   TTFT 8K-30K on code prompts (CONFIGS), FLASH_ATTN beside every PBS config
 #   yarn     TTFT 64K-127K with YaRN x4 (the first rep shows whether the warm-up worked)
-#   ruler    RULER-style suite (SETTINGS, LENGTHS, N)
+#   ruler    RULER-style suite (SETTINGS, LENGTHS, N; RULER_OUT names the results folder,
+#            RULER_ARGS adds options, e.g. --known-densities from an earlier run)
 #   density  PBS density per layer and KV head at 8K-30K and a mask heatmap
 # Llama-3.1-8B shape with dummy weights (`llama` writes the model to /tmp/llama8b first):
 #   llama       the dummy 8B model folder (config + tokenizer, no weights)
@@ -66,16 +67,18 @@ for step in "$@"; do
   native)
     python3 benchmarks/bench_ttft.py --model $MODEL --real-weights --prompts code --lengths ${LENGTHS:-8k,16k,30k} \
       --configs ${CONFIGS:-flash,pbs-default,pbs-tau,pbs-tau-triton,pbs-tau0.8,pbs-default-16k} --reps 3 \
-      --warmup-lengths 8k,20k ${PROFILE:+--profile $PROFILE} --out "$RES/ttft-native" 2>&1 | tail -20
+      --warmup-lengths 8k,20k ${PROFILE:+--profile $PROFILE} --out "$RES/ttft-native" 2>&1 \
+      | tee "$RES/ttft-native.log" | grep -v '^RESULT' | tail -24
     ;;
   yarn)
     python3 benchmarks/bench_ttft.py --model $MODEL --real-weights --prompts code --yarn 4 --lengths 64k,127k \
       --configs ${CONFIGS:-flash,pbs-default,pbs-tau} --reps 2 --warmup-lengths 16k \
-      --out "$RES/ttft-yarn" 2>&1 | tail -12
+      --out "$RES/ttft-yarn" 2>&1 | tee "$RES/ttft-yarn.log" | grep -v '^RESULT' | tail -16
     ;;
   ruler)
     python3 benchmarks/bench_ruler.py --model $MODEL --lengths ${LENGTHS:-8k,16k,32k} --num-prompts ${N:-30} \
-      --settings ${SETTINGS:-flash,pbs-sparse,unpermuted-matched} --out "$RES/ruler" 2>&1 | tail -30
+      --settings ${SETTINGS:-flash,pbs-sparse,unpermuted-matched} ${RULER_ARGS:-} \
+      --out "$RES/${RULER_OUT:-ruler}" 2>&1 | tee "$RES/${RULER_OUT:-ruler}.log" | tail -30
     ;;
   density)
     python3 benchmarks/bench_density.py --model $MODEL --lengths 8k,16k,30k --prompts-per-length 4 \
