@@ -1,7 +1,8 @@
 """`PBSAttentionImpl`: decode tokens on the stock impl, prefill tokens on the PBS kernels.
 
 Per layer: route (`backend/routing.py` decides whether the step is held on the stock
-kernel), estimate (`prefill_mask` per prefill run), route again (every sparse mask at
+kernel), estimate (`prefill_mask` per prefill run, over the run's `PrefillPlan` that the
+metadata builder built once for the step), route again (every sparse mask at
 least `dense_above` dense: the stock impl attends the whole step), attend (decodes on the
 stock impl, prefill runs on the prefill kernel of `backend/prefill_kernel.py`: FA3 on
 Hopper, the Triton kernel elsewhere).
@@ -343,7 +344,7 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
                         graphs.offset,
                     )
                     q = graphs.q[run.rows.start - rows.start : run.rows.stop - rows.start]
-                    mask = prefill_mask(q, kv, run.batch, self.params, self.scale)
+                    mask = prefill_mask(q, kv, run.batch, self.params, self.scale, plan=run.plan)
                     work.append((run, q, kv, mask))
                 return work
 
@@ -381,7 +382,9 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         for run in m.prefill_runs:
             kv = PagedKV(cache.key_cache, cache.value_cache, m.block_table[run.reqs])
             q = query[run.rows]
-            mask = prefill_mask(q, kv, run.batch, self.params, self.scale, dense=run.dense)
+            mask = prefill_mask(
+                q, kv, run.batch, self.params, self.scale, dense=run.dense, plan=run.plan
+            )
             work.append((run, q, kv, mask))
         return work
 

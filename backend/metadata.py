@@ -34,7 +34,8 @@ from pbs_vllm.backend.stats import STATS
 from pbs_vllm.backend.stock import stock_backend
 from pbs_vllm.config import get_pbs_config
 from pbs_vllm.kernels import ChunkBatch
-from pbs_vllm.kernels.plan import has_permuted_region, plan_step
+from pbs_vllm.kernels.attention import tile_shape
+from pbs_vllm.kernels.plan import PrefillPlan, has_permuted_region, plan_prefill
 
 logger = get_logger(__name__)
 
@@ -44,13 +45,16 @@ class PrefillRun:
     """Consecutive prefill requests run by one `pbs_prefill` call.
 
     rows: their query rows in the step's [T, Hq, D] tensors; reqs: their rows of the
-    block table; batch: host q/ctx lengths; dense: below dense_fallback_len.
+    block table; batch: host q/ctx lengths; dense: below dense_fallback_len; plan: what
+    every layer's estimation and attention of the run derive from the batch (query
+    blocks, tile tables, the dense mask...), built once by the metadata builder.
     """
 
     rows: slice
     reqs: slice
     batch: ChunkBatch
     dense: bool
+    plan: PrefillPlan | None = None
 
 
 @dataclass
@@ -62,8 +66,8 @@ class PBSAttentionMetadata:
 
       rows of the step's q / output [T, Hq, D]:
         [0, num_decode_tokens)        decodes: stock impl (metadata `decode`)
-        prefill_rows                  prefill runs, in order; each run's device plans are
-                                      built here (`plan_step`), before any layer runs
+        prefill_rows                  prefill runs, in order; each run's PrefillPlan is
+                                      built here (`plan_prefill`), before any layer runs
     """
 
     num_actual_tokens: int
@@ -132,6 +136,14 @@ def group_uses_pbs(vllm_config: VllmConfig, layer_names: list[str]) -> bool:
     return bool(layers) and all(isinstance(x.impl, PBSAttentionImpl) for x in layers.values())
 
 
+def group_heads(vllm_config: VllmConfig, layer_names: list[str]) -> tuple[int, int, int] | None:
+    """(query heads, KV heads, head size) shared by the group's attention layers, or None
+    when they differ (plans then leave the Triton tile table to each call)."""
+    layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names).values()
+    shapes = {(x.impl.num_heads, x.impl.num_kv_heads, x.impl.head_size) for x in layers}
+    return shapes.pop() if len(shapes) == 1 else None
+
+
 class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]):
     """Wraps the stock builder: its metadata for decodes, ChunkBatch runs for prefills.
 
@@ -150,14 +162,18 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
         self.dense_below = config.dense_fallback_len
         self.dense_above = config.dense_above
         self.params = config.sparsity_params()
-        # The attention route whose device plans the builder makes (None on the CPU, whose
-        # PyTorch kernels need none); CUDA graphs only with the FA3 route.
-        self.route = None
+        # The prefill attention (its route, read per step: FA3 can move the process to
+        # Triton) whose plans the builder makes; the CPU attends through the Triton entry
+        # point (the PyTorch kernels). CUDA graphs only with the FA3 route.
+        self.attend = None
         if torch.device(device).type == "cuda":
             from pbs_vllm.backend.prefill_kernel import prefill_attention
 
-            self.route = prefill_attention(config.attention_kernel).kernel
+            self.attend = prefill_attention(config.attention_kernel)
         self.cuda_graphs = config.cuda_graphs and self.route == "fa3"
+        self.num_kv_heads = kv_cache_spec.num_kv_heads
+        self.page_size = kv_cache_spec.block_size
+        self.tiles = None  # the Triton kernel's (GQA group, rows per tile) of the layers
         STATS.configure(config.stats_log_interval_s)
         self.stock = stock_backend().get_builder_cls()(
             kv_cache_spec, layer_names, vllm_config, device
@@ -166,6 +182,19 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
         if not self.uses_pbs:
             # Stock impls only (see impl.unsupported_reason): be the stock builder.
             self.reorder_batch_threshold = self.stock.reorder_batch_threshold
+            return
+        heads = group_heads(vllm_config, layer_names)
+        if heads is not None:
+            num_heads, self.num_kv_heads, head_size = heads
+            dtype = vllm_config.model_config.dtype
+            self.tiles = tile_shape(
+                num_heads, self.num_kv_heads, head_size, dtype, self.params.block_size
+            )
+
+    @property
+    def route(self) -> str:
+        """The prefill attention's route now: 'fa3' or 'triton' (the CPU's)."""
+        return "triton" if self.attend is None else self.attend.kernel
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
@@ -226,7 +255,7 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
                 block_table=common.block_table_tensor,
                 prefill_runs=runs,
                 stock_all=stock_all,
-                graphs_eligible=self._plan(runs),
+                graphs_eligible=self._plan(runs, common.block_table_tensor),
             )
         tokens = {True: 0, False: 0}
         short = 0
@@ -239,16 +268,26 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
         STATS.maybe_log()
         return metadata
 
-    def _plan(self, runs: list[PrefillRun]) -> bool:
-        """Build the sparse runs' device plans; True if the step's PBS work can be
-        captured as CUDA graphs (every run sparse with a permuted region: a dense mask
-        attends straight from one layer's cache, which a graph cannot replay elsewhere)."""
-        if self.route is None:
-            return False
+    def _plan(self, runs: list[PrefillRun], block_table: torch.Tensor) -> bool:
+        """Build every run's PrefillPlan (`run.plan`: the layers only launch); True if the
+        step's PBS work can be captured as CUDA graphs (every run sparse with a permuted
+        region: a dense mask attends straight from one layer's cache, which a graph cannot
+        replay elsewhere)."""
+        route = self.route
         for run in runs:
-            if not run.dense:
-                plan_step(run.batch, self.params, self.device, self.route)
-        return self.cuda_graphs and graphs_eligible(runs, self.params)
+            # The FA3 route's tail rows are composed with the run's block table here too.
+            pages = dict(block_table=block_table[run.reqs], page_size=self.page_size)
+            run.plan = plan_prefill(
+                run.batch,
+                self.params,
+                self.device,
+                self.num_kv_heads,
+                route,
+                tiles=self.tiles,
+                dense=run.dense,
+                **(pages if route == "fa3" else {}),
+            )
+        return self.cuda_graphs and route == "fa3" and graphs_eligible(runs, self.params)
 
     def _wrap_decodes(self, common: CommonAttentionMetadata, decode) -> PBSAttentionMetadata:
         return PBSAttentionMetadata(

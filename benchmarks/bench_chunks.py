@@ -32,6 +32,7 @@ from pbs_vllm.kernels import (
     build_block_mask,
     pbs_attention,
     pbs_prefill,
+    plan_for,
 )
 
 SETTINGS = {
@@ -50,14 +51,14 @@ def paged_cache(n_keys: int, hkv: int, d: int, page: int, dtype, gen) -> PagedKV
     return PagedKV(kc, vc, table)
 
 
-def sync_error(q, kv, batch, params, scale) -> str | None:
+def sync_error(q, kv, batch, params, scale, plan) -> str | None:
     """pbs_prefill twice (the second as a later layer of the step would run it) with
     sync-debug 'error' on the second; the error text if it synchronised, else None."""
-    pbs_prefill(q, kv, batch, params, scale)
+    pbs_prefill(q, kv, batch, params, scale, plan=plan)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        pbs_prefill(q, kv, batch, params, scale)
+        pbs_prefill(q, kv, batch, params, scale, plan=plan)
     except RuntimeError as e:
         return str(e).splitlines()[0]
     finally:
@@ -67,20 +68,23 @@ def sync_error(q, kv, batch, params, scale) -> str | None:
 
 def chunk_row(q, kv, batch, params, scale) -> dict:
     """GPU ms of estimation and attention (medians), host ms of a layer's call once the
-    step's plan is cached, peak extra MiB of estimation, density."""
-    sync = sync_error(q, kv, batch, params, scale)
+    step's plan is built, peak extra MiB of estimation, density."""
+    plan = plan_for(q, kv, batch, params)  # once per step, as the metadata builder does
+    sync = sync_error(q, kv, batch, params, scale, plan)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    mask = build_block_mask(q, kv, batch, params, scale)
+    mask = build_block_mask(q, kv, batch, params, scale, plan)
     torch.cuda.synchronize()
     peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-    est_ms = do_bench(lambda: build_block_mask(q, kv, batch, params, scale), return_mode="median")
+    est_ms = do_bench(
+        lambda: build_block_mask(q, kv, batch, params, scale, plan), return_mode="median"
+    )
     attn_ms = do_bench(lambda: pbs_attention(q, kv, mask, scale), return_mode="median")
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(5):
-        pbs_prefill(q, kv, batch, params, scale)
+        pbs_prefill(q, kv, batch, params, scale, plan=plan)
     host_ms = (time.perf_counter() - t0) / 5 * 1e3
     torch.cuda.synchronize()
     return {

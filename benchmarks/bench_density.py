@@ -167,7 +167,7 @@ class MaskCapture:
         # The unpermuted ablation at the same settings, on the same queries and cache (its
         # estimation plan on the batch is the one PBS uses: it depends on geometry only).
         unpermuted = impl_module.prefill_mask(
-            q, kv, run.batch, replace(impl.params, permute=False), impl.scale
+            q, kv, run.batch, replace(impl.params, permute=False), impl.scale, plan=run.plan
         )
         self.masks[name] = (mask, unpermuted)
         self.chunks.setdefault(name, []).append([list(run.batch.ctx_lens), list(run.batch.q_lens)])
@@ -178,10 +178,8 @@ def mask_to_cpu(mask):
     from pbs_vllm.kernels.block_mask import PBSBlockMask
 
     return PBSBlockMask(
-        batch=mask.batch,
-        block_size=mask.block_size,
+        plan=mask.plan.on("cpu"),
         segment_size=mask.segment_size,
-        qblocks=mask.qblocks.to("cpu"),
         own_start=mask.own_start.cpu(),
         kv_num_blocks=mask.kv_num_blocks.cpu(),
         kv_indices=mask.kv_indices.cpu(),

@@ -25,7 +25,7 @@ import argparse
 import csv
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from pbs_vllm.kernels.attention_ref import pbs_attention_ref
 from pbs_vllm.kernels.block_mask import PBSBlockMask, dense_block_mask, random_block_mask
 from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
 from pbs_vllm.kernels.params import SparsityParams
+from pbs_vllm.kernels.plan import plan_for
 
 HQ, HKV, D, PAGE, BLOCK, SEGMENT = 32, 8, 128, 16, 128, 256
 SHAPES = {"llama": (32, 8, 128), "qwen": (14, 2, 64)}  # (HQ, HKV, D)
@@ -275,7 +276,10 @@ def run_case(
 ) -> None:
     """Time every method on one case; flex_fractions empty skips FlexAttention."""
     inp = make_inputs(case, seed)
-    dense = dense_block_mask(case.batch, BLOCK, HKV, "cuda")
+    # The step's plans, built once as the metadata builder does (tile tables planned).
+    geometry = SparsityParams(block_size=BLOCK, segment_size=SEGMENT)
+    dense = plan_for(inp.q, inp.kv, case.batch, geometry, dense=True).dense_mask()
+    plan = plan_for(inp.q, inp.kv, case.batch, geometry)
     dense_flops = 4 * D * (HQ // HKV) * attended_pairs(dense)
 
     def record(method, ms, density, flops):
@@ -303,7 +307,11 @@ def run_case(
         dense_fa = lambda: pbs_attention_varlen(inp.q, inp.kv, dense, D**-0.5, fa3)  # noqa: E731
         record("fa3_dense", bench(dense_fa), 1.0, dense_flops)
     for frac in fractions:
-        mask = random_block_mask(case.batch, BLOCK, SEGMENT, HKV, frac, "cuda", seed=seed)
+        mask = random_block_mask(
+            case.batch, BLOCK, SEGMENT, HKV, frac, "cuda", seed=seed, plan=plan
+        )
+        # its row table composed once, as estimation's permutation kernel writes it
+        mask = replace(mask, row_table=attention_mod.compose_row_table(mask, inp.kv))
         flops = 4 * D * (HQ // HKV) * attended_pairs(mask)
         ms = bench(lambda m=mask: pbs_attention(inp.q, inp.kv, m, D**-0.5))
         record(f"pbs_{frac:g}", ms, mask.density(), flops)
@@ -316,9 +324,9 @@ def run_case(
             except Exception as e:  # FlexAttention compiles through inductor: report, go on
                 print(f"{case.name} flex: not run ({type(e).__name__}: {str(e)[:200]})")
     # Per layer in serving (each layer has its own mask): perm composed with the block
-    # table, which the timings above reuse from the mask's cache.
+    # table, which the timings above reuse from the mask.
     if fractions:
-        build_rows = lambda: (mask.plans.pop("rows"), attention_mod._row_table(mask, inp.kv))
+        build_rows = lambda: attention_mod.compose_row_table(mask, inp.kv)  # noqa: E731
         record("row_table", bench(build_rows), mask.density(), None)
     run_estimator(case, inp, rows)
     if structured and fa3 is not None:
@@ -333,17 +341,18 @@ def run_structured(case: Case, seed: int, fa3, rows: list[dict]) -> None:
 
     inp = make_inputs(case, seed, structured=True)
     params, scale = SparsityParams(segment_size=SEGMENT), D**-0.5
-    dense = dense_block_mask(case.batch, BLOCK, HKV, "cuda")
+    dense = plan_for(inp.q, inp.kv, case.batch, params, dense=True).dense_mask()
     dense_flops = 4 * D * (HQ // HKV) * attended_pairs(dense)
+    plan = plan_for(inp.q, inp.kv, case.batch, params)  # once per step
 
     def total():
-        mask = build_block_mask(inp.q, inp.kv, case.batch, params, scale)
+        mask = build_block_mask(inp.q, inp.kv, case.batch, params, scale, plan)
         return pbs_attention_varlen(inp.q, inp.kv, mask, scale, fa3)
 
-    mask = build_block_mask(inp.q, inp.kv, case.batch, params, scale)
+    mask = build_block_mask(inp.q, inp.kv, case.batch, params, scale, plan)
     flops = 4 * D * (HQ // HKV) * attended_pairs(mask)
     dense_fa = lambda: pbs_attention_varlen(inp.q, inp.kv, dense, scale, fa3)  # noqa: E731
-    estimate = lambda: build_block_mask(inp.q, inp.kv, case.batch, params, scale)  # noqa: E731
+    estimate = lambda: build_block_mask(inp.q, inp.kv, case.batch, params, scale, plan)  # noqa: E731
     density = mask.density()
     for method, fn, d, fl in (
         ("structured_fa3_dense", dense_fa, 1.0, dense_flops),
@@ -360,7 +369,8 @@ def run_estimator(case: Case, inp: Inputs, rows: list[dict]) -> None:
         print(f"{case.name} estimator: skipped ({e})")
         return
     params = SparsityParams()
-    fn = lambda: build_block_mask(inp.q, inp.kv, case.batch, params, D**-0.5)
+    plan = plan_for(inp.q, inp.kv, case.batch, params)  # once per step
+    fn = lambda: build_block_mask(inp.q, inp.kv, case.batch, params, D**-0.5, plan)
     fn()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()

@@ -23,7 +23,7 @@ from bench_ttft import parse_length  # sibling script: run this one as a file, l
 
 from pbs_vllm.kernels import ChunkBatch, PagedKV, SparsityParams, prefill_mask
 from pbs_vllm.kernels.graphs import StepGraphs, capture_prefill
-from pbs_vllm.kernels.plan import plan_step
+from pbs_vllm.kernels.plan import plan_for
 from pbs_vllm.kernels.varlen import pbs_attention_varlen
 from pbs_vllm.testing import structured_qkv
 
@@ -73,17 +73,17 @@ def main() -> None:
     def attend(q, kv, mask, scale, out):
         pbs_attention_varlen(q, kv, mask, scale, fa3, out=out)
 
-    def eager_step(b: ChunkBatch) -> None:
+    def eager_step(plan) -> None:
         for (q, kv), out in zip(inputs, outs, strict=True):
-            mask = prefill_mask(q, kv, b, params, scale)
+            mask = prefill_mask(q, kv, plan.batch, params, scale, plan=plan)
             pbs_attention_varlen(q, kv, mask, scale, fa3, out=out)
 
-    def graph_step(b: ChunkBatch) -> None:
+    def graph_step(plan) -> None:
         g = StepGraphs(q_len, hq, d, torch.bfloat16, "cuda")
         for i, ((q, kv), out) in enumerate(zip(inputs, outs, strict=True)):
             g.bind(q, kv.key_cache, kv.value_cache)
             if i == 0:
-                capture_prefill(g, kv.block_table, b, params, scale, attend)
+                capture_prefill(g, kv.block_table, plan, params, scale, attend)
             g.replay("estimate")
             g.replay("attend")
             out.copy_(g.out)
@@ -94,10 +94,10 @@ def main() -> None:
         host, wall = [], []
         for rep in range(args.reps + 1):
             b = ChunkBatch(list(batch.q_lens), list(batch.ctx_lens))  # a new step
-            plan_step(b, params, "cuda", "fa3")
+            plan = plan_for(inputs[0][0], inputs[0][1], b, params, "fa3")
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            step(b)
+            step(plan)
             t1 = time.perf_counter()
             torch.cuda.synchronize()
             t2 = time.perf_counter()
@@ -106,7 +106,7 @@ def main() -> None:
                 wall.append((t2 - t0) * 1e3)
         check = [out.float().clone() for out in outs[:2]]
         if density is None:
-            mask = prefill_mask(inputs[0][0], inputs[0][1], b, params, scale)
+            mask = prefill_mask(inputs[0][0], inputs[0][1], b, params, scale, plan=plan)
             density = mask.density()
         rows.append((name, statistics.median(host), statistics.median(wall), check))
     same = all(torch.equal(a, b) for a, b in zip(rows[0][3], rows[1][3], strict=True))

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from triton.testing import do_bench
 
-from pbs_vllm.kernels import ChunkBatch, SparsityParams, build_block_mask
+from pbs_vllm.kernels import ChunkBatch, SparsityParams, build_block_mask, plan_for
 from pbs_vllm.kernels import attention as attention_mod
 from pbs_vllm.kernels.importance import key_importance
 
@@ -156,7 +156,7 @@ def main() -> None:
         label = f"{n // 1024}K over {ctx // 1024}K"
         q = torch.randn(n, HQ, D, dtype=torch.bfloat16, device="cuda", generator=gen)
         batch = ChunkBatch([n], [ctx])
-        mask = build_block_mask(q, kv, batch, PARAMS, scale)
+        mask = build_block_mask(q, kv, batch, PARAMS, scale, plan_for(q, kv, batch, PARAMS))
         rows.append(cudnn_row(q, kv, ctx, label, scale))
         rows += attention_rows(q, kv, batch, mask, scale, label)
         rows.append(own_region_row(q, kv, mask, scale, label))

@@ -14,6 +14,9 @@ _EXPORTS = {
     "PagedKV": "paged",
     "ChunkBatch": "paged",
     "PBSBlockMask": "block_mask",
+    "PrefillPlan": "plan",
+    "plan_prefill": "plan",
+    "plan_for": "plan",
     "QueryBlocks": "block_mask",
     "dense_block_mask": "block_mask",
     "build_block_mask": "estimate",
@@ -28,6 +31,7 @@ __all__ = [
     "ChunkBatch",
     "PBSBlockMask",
     "PagedKV",
+    "PrefillPlan",
     "QueryBlocks",
     "SparsityParams",
     "build_block_mask",
@@ -36,6 +40,8 @@ __all__ = [
     "pbs_attention",
     "pbs_attention_ref",
     "pbs_prefill",
+    "plan_for",
+    "plan_prefill",
     "prefill_mask",
 ]
 
@@ -47,6 +53,7 @@ if TYPE_CHECKING:
     from pbs_vllm.kernels.estimate_ref import build_block_mask_ref
     from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
     from pbs_vllm.kernels.params import SparsityParams
+    from pbs_vllm.kernels.plan import PrefillPlan, plan_for, plan_prefill
     from pbs_vllm.kernels.prefill import pbs_prefill, prefill_mask
 
 

@@ -5,12 +5,13 @@ pairs of a single query block, so every K/V tile it loads serves the whole query
 (any group size: MHA, GQA, MQA). Per tile, one online softmax (exp2, scale folded into log2
 space, fp32 accumulators) runs over
   phase 1: the selected permuted key blocks, read through the mask's row table (perm
-           composed with the block table on the host side, once per mask and block table),
+           composed with the block table, written by the estimation's permutation kernel),
            so each key tile needs one index load (they precede the query block: no mask);
   phase 2: the dense causal region [own_start, last query position], pages looked up in the
            block table, masked only on the tiles that cross the diagonal (pos_k <= pos_q on
            original positions).
-K/V are read in place with the cache's strides: no copy, no permuted copy.
+K/V are read in place with the cache's strides: no copy, no permuted copy. The launch grid
+(the tile table) comes from the mask's plan (`pbs_vllm.kernels.plan.PrefillPlan.tiles`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import triton
 import triton.language as tl
 from torch.profiler import record_function
 
-from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks, row_table_key
+from pbs_vllm.kernels.block_mask import PBSBlockMask, RowTable, row_table_key
 from pbs_vllm.kernels.paged import PagedKV, refuse_cache_offset, upload
+from pbs_vllm.kernels.plan import tile_table
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -323,45 +325,50 @@ def _block_m(head_dim: int, dtype: torch.dtype, block_rows: int) -> int:
     return 256 if block_rows >= 256 else 128
 
 
-def _tile_table(mask: PBSBlockMask, group: int, block_m: int) -> torch.Tensor:
-    """[num_tiles, 2] int32 on the mask's device: (query block, first row) per tile.
+def tile_shape(
+    num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, block_size: int
+) -> tuple[int, int]:
+    """(GQA group, rows per query tile) of the kernel's launches for this layer shape: what
+    a plan's tile table is built for (`plan_prefill(tiles=...)`)."""
+    group = num_q_heads // num_kv_heads
+    return group, _block_m(head_dim, dtype, block_size * group)
 
-    A query block of L tokens has L * group rows, split into ceil(L * group / block_m)
-    tiles. The latest query blocks (the most keys under a causal mask) come first.
-    Cached on the batch, so the layers of one step share a single plan.
-    """
-    batch, device = mask.batch, mask.own_start.device
-    key = ("tiles", mask.block_size, group, block_m, str(device))
-    if key not in batch.derived:
-        lengths = QueryBlocks.of(batch, mask.block_size).length.long()
-        n_tiles = (lengths * group + block_m - 1) // block_m
-        qb = torch.repeat_interleave(torch.arange(len(lengths)), n_tiles)
-        first_tile = torch.cumsum(n_tiles, 0) - n_tiles
-        first_row = (torch.arange(len(qb)) - first_tile[qb]) * block_m
-        table = torch.stack([qb, first_row], dim=1).flip(0).to(torch.int32).contiguous()
-        batch.derived[key] = upload(table, device)
-    return batch.derived[key]
+
+def _tile_table(mask: PBSBlockMask, group: int, block_m: int) -> torch.Tensor:
+    """[num_tiles, 2] int32 on the mask's device: (query block, first row) per tile
+    (`plan.tile_table`). The plan's table when it was built for this group and tile height
+    (the serving path); else built and uploaded for this call."""
+    planned = mask.plan.tiles
+    if planned is not None and (planned.group, planned.block_m) == (group, block_m):
+        return planned.table
+    return upload(tile_table(mask.plan.qblocks_host, group, block_m), mask.plan.device)
+
+
+def compose_row_table(mask: PBSBlockMask, kv: PagedKV) -> RowTable:
+    """perm composed with kv's block table: the cache row (page * page_size + slot in page)
+    of every permuted slot, [Hkv, P] int32, so phase 1 reads one index per key instead of
+    perm -> block table."""
+    bt, page_size = kv.block_table, kv.page_size
+    perm = mask.perm.long()
+    slots = torch.arange(perm.shape[1], device=perm.device)
+    seq = torch.bucketize(slots, mask.perm_offset.long(), right=True) - 1  # [P]
+    page = bt[seq[None, :], perm // page_size].long()  # [Hkv, P]
+    rows = (page * page_size + perm % page_size).to(torch.int32)
+    return RowTable(bt, row_table_key(bt, page_size), rows)
 
 
 def _row_table(mask: PBSBlockMask, kv: PagedKV) -> torch.Tensor:
-    """[Hkv, P] int32: the cache row (page * page_size + slot in page) of every permuted slot.
-
-    perm composed with the block table, so phase 1 reads one index per key instead of
-    perm -> block table. Cached on the mask for one block table (`build_block_mask` fills
-    the cache from its permutation kernel; other masks build it here). The entry keeps the table alive, so its address
-    cannot be reused by another; an in-place update bumps its version and rebuilds.
-    """
-    bt, page_size = kv.block_table, kv.page_size
-    key = row_table_key(kv)
-    cached = mask.plans.get("rows")
-    if cached is None or cached[0] != key:
-        perm = mask.perm.long()
-        slots = torch.arange(perm.shape[1], device=perm.device)
-        seq = torch.bucketize(slots, mask.perm_offset.long(), right=True) - 1  # [P]
-        page = bt[seq[None, :], perm // page_size].long()  # [Hkv, P]
-        rows = (page * page_size + perm % page_size).to(torch.int32)
-        mask.plans["rows"] = (key, bt, rows)
-    return mask.plans["rows"][2]
+    """[Hkv, P] int32 cache rows of the permuted slots under kv's block table: the mask's
+    own row table when it was composed with this block table (`build_block_mask`'s
+    permutation kernel writes it) or holds no slots; else composed for this call
+    (`compose_row_table`; keep it on the mask with `dataclasses.replace(mask,
+    row_table=...)` to reuse it)."""
+    table = mask.row_table
+    if table is not None and (
+        table.key is None or table.key == row_table_key(kv.block_table, kv.page_size)
+    ):
+        return table.rows
+    return compose_row_table(mask, kv).rows
 
 
 def _check_inputs(
@@ -386,6 +393,8 @@ def _check_inputs(
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     if mask.num_kv_heads != hkv:
         raise ValueError(f"mask has {mask.num_kv_heads} KV heads, the K/V cache {hkv}")
+    if mask.plan.device != q.device:
+        raise ValueError(f"mask's plan was built for device {mask.plan.device}, q is on {q.device}")
     if t != sum(mask.batch.q_lens):
         raise ValueError(
             f"q has {t} tokens but the mask's batch has sum(q_lens)={sum(mask.batch.q_lens)}"

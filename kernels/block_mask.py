@@ -13,55 +13,25 @@ For every query block (flattened over the batch, Tq in total) and KV head the ma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from pbs_vllm.kernels.paged import ChunkBatch, upload
+from pbs_vllm.kernels.paged import ChunkBatch
+
+if TYPE_CHECKING:
+    from pbs_vllm.kernels.plan import PrefillPlan
 
 
 @dataclass
 class QueryBlocks:
-    """Query blocks of a chunk batch, flattened over the batch ([Tq] int32 each, host)."""
+    """Query blocks of a chunk batch, flattened over the batch ([Tq] int32 each). A plan
+    (`pbs_vllm.kernels.plan.PrefillPlan`) holds them on the host and on its device."""
 
     seq: torch.Tensor  # sequence index of the block
     row: torch.Tensor  # first query row (index into q) of the block
     length: torch.Tensor  # query tokens of the block present in this chunk
     pos: torch.Tensor  # absolute position of the block's first present query token
-
-    @classmethod
-    def of(cls, batch: ChunkBatch, block_size: int) -> QueryBlocks:
-        """The query blocks of `batch` on the host (built once per batch and block size)."""
-        key = ("qblocks", block_size)
-        if key not in batch.derived:
-            batch.derived[key] = cls._build(batch, block_size)
-        return batch.derived[key]
-
-    @classmethod
-    def on(cls, batch: ChunkBatch, block_size: int, device: torch.device | str) -> QueryBlocks:
-        """`of` on `device`: one non-blocking upload per batch, block size and device."""
-        key = ("qblocks", block_size, str(device))
-        if key not in batch.derived:
-            host = cls.of(batch, block_size)
-            packed = torch.stack([host.seq, host.row, host.length, host.pos])
-            batch.derived[key] = cls(*upload(packed, device).unbind(0))
-        return batch.derived[key]
-
-    @classmethod
-    def _build(cls, batch: ChunkBatch, block_size: int) -> QueryBlocks:
-        seq, row, length, pos = [], [], [], []
-        for b, (q0, n, c) in enumerate(
-            zip(batch.cu_seqlens_q, batch.q_lens, batch.ctx_lens, strict=False)
-        ):
-            p = c
-            while p < c + n:
-                end = min((p // block_size + 1) * block_size, c + n)
-                seq.append(b)
-                row.append(q0 + p - c)
-                length.append(end - p)
-                pos.append(p)
-                p = end
-        as_t = lambda x: torch.tensor(x, dtype=torch.int32)
-        return cls(as_t(seq), as_t(row), as_t(length), as_t(pos))
 
     def __len__(self) -> int:
         return self.seq.numel()
@@ -70,11 +40,21 @@ class QueryBlocks:
         return QueryBlocks(*(t.to(device) for t in (self.seq, self.row, self.length, self.pos)))
 
 
-def row_table_key(kv) -> tuple:
-    """What a mask's cached row table (permuted slot -> cache row) depends on besides the
-    mask: the block table's identity and contents version, and the page size."""
-    bt = kv.block_table
-    return (bt.data_ptr(), tuple(bt.shape), bt.stride(), bt._version, kv.page_size)
+def row_table_key(block_table: torch.Tensor, page_size: int) -> tuple:
+    """What a table of cache rows (slot -> page * page_size + slot in page) depends on
+    besides the slots: the block table's identity and contents version, and the page size."""
+    bt = block_table
+    return (bt.data_ptr(), tuple(bt.shape), bt.stride(), bt._version, page_size)
+
+
+class RowTable(NamedTuple):
+    """Cache rows composed with one block table. key: its `row_table_key` when composed
+    (None: rows valid under any block table, i.e. none); block_table is kept alive so its
+    address cannot be reused by another table while the rows are held."""
+
+    block_table: torch.Tensor | None
+    key: tuple | None
+    rows: torch.Tensor
 
 
 @dataclass
@@ -82,29 +62,47 @@ class PBSBlockMask:
     """Per query block and KV head: a dense causal region plus selected permuted key blocks.
 
     Fields (Tq query blocks, Hkv KV heads, P permuted key slots over the batch):
-      batch          the ChunkBatch this mask was built for (host)
-      block_size     B
+      plan           the PrefillPlan of the mask's batch (its batch, block_size B and
+                     device QueryBlocks are the mask's `batch`, `block_size`, `qblocks`)
       segment_size   S (0 for a dense mask)
-      qblocks        QueryBlocks on the device
       own_start      [Tq] int32   first key position of the dense causal region
       kv_num_blocks  [Hkv, Tq] int32   selected permuted key blocks per query block
       kv_indices     [Hkv, Tq, max_sel] int32   their ids, ascending; padding undefined
       perm           [Hkv, P] int32   original key position of each permuted slot
       perm_offset    [batch] int32    first slot of sequence b in perm
+      row_table      RowTable: perm composed with the block table the mask was estimated
+                     over ([Hkv, P] int32 cache rows; the permutation kernel writes it),
+                     or None (the attention kernels compose it per call)
     """
 
-    batch: ChunkBatch
-    block_size: int
+    plan: PrefillPlan
     segment_size: int
-    qblocks: QueryBlocks
     own_start: torch.Tensor
     kv_num_blocks: torch.Tensor
     kv_indices: torch.Tensor
     perm: torch.Tensor
     perm_offset: torch.Tensor
-    # The attention kernel's row table for this mask and a block table (see
-    # pbs_vllm.kernels.attention), built on first use.
-    plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    row_table: RowTable | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.segment_size not in (0, self.plan.segment_size):
+            raise ValueError(
+                f"segment_size={self.segment_size}: must be 0 (dense) or the plan's "
+                f"{self.plan.segment_size}"
+            )
+
+    @property
+    def batch(self) -> ChunkBatch:
+        return self.plan.batch
+
+    @property
+    def block_size(self) -> int:
+        return self.plan.block_size
+
+    @property
+    def qblocks(self) -> QueryBlocks:
+        """The query blocks on the mask's device."""
+        return self.plan.qblocks
 
     @property
     def num_kv_heads(self) -> int:
@@ -152,17 +150,9 @@ class PBSBlockMask:
         """(key blocks of the own causal regions, causally visible key blocks) of one KV
         head, summed over query blocks: fixed by the batch and the block geometry (own
         regions start at the query block's segment, or at 0 for a dense mask), the same for
-        every head, so computed once on the host per batch and cached there."""
-        bs, ss = self.block_size, self.segment_size
-        key = ("block_counts_per_head", bs, ss)
-        derived = self.batch.derived
-        if key not in derived:
-            qb = QueryBlocks.of(self.batch, bs)
-            last = (qb.pos + qb.length - 1).long()
-            own_start = qb.pos.long() // ss * ss if ss else torch.zeros_like(last)
-            own = last // bs - own_start // bs + 1
-            derived[key] = (int(own.sum()), int((last // bs + 1).sum()))
-        return derived[key]
+        every head; the plan holds both (host ints)."""
+        visible = self.plan.visible_blocks
+        return (self.plan.own_blocks if self.segment_size else visible), visible
 
     def _static_counts(self) -> tuple[int, int]:
         """`_static_counts_per_head` summed over the KV heads."""
@@ -215,25 +205,14 @@ def dense_block_mask(
 ) -> PBSBlockMask:
     """The full causal mask for `batch`: every query block computes keys [0, p] densely.
 
-    Built once per batch, block size, head count and device (it holds no per-layer data).
+    Builds a dense plan on the fly (`plan_prefill(..., dense=True)`); the serving path
+    takes its step's planned mask (`PrefillPlan.dense_mask`) instead.
     """
-    key = ("dense_mask", block_size, num_kv_heads, str(device))
-    if key not in batch.derived:
-        qb = QueryBlocks.on(batch, block_size, device)
-        tq = len(qb)
-        i32 = dict(dtype=torch.int32, device=device)
-        batch.derived[key] = PBSBlockMask(
-            batch=batch,
-            block_size=block_size,
-            segment_size=0,
-            qblocks=qb,
-            own_start=torch.zeros(tq, **i32),
-            kv_num_blocks=torch.zeros(num_kv_heads, tq, **i32),
-            kv_indices=torch.zeros(num_kv_heads, tq, 1, **i32),
-            perm=torch.zeros(num_kv_heads, 0, **i32),
-            perm_offset=torch.zeros(len(batch), **i32),
-        )
-    return batch.derived[key]
+    from pbs_vllm.kernels.params import SparsityParams
+    from pbs_vllm.kernels.plan import plan_prefill
+
+    params = SparsityParams(block_size=block_size, segment_size=block_size)
+    return plan_prefill(batch, params, device, num_kv_heads, dense=True).dense_mask()
 
 
 def random_block_mask(
@@ -244,8 +223,12 @@ def random_block_mask(
     fraction: float,
     device: torch.device | str,
     seed: int = 0,
+    plan: PrefillPlan | None = None,
 ) -> PBSBlockMask:
     """A synthetic PBS mask for tests and benchmarks (no estimator involved).
+
+    plan: the batch's plan (e.g. `plan_for` with the attention's queries and cache, so the
+    attention kernels find their tile table planned); None builds one on the fly.
 
     Every complete segment before a sequence's last query segment gets an independent
     random permutation per KV head; each query block keeps ceil(fraction * candidates)
@@ -257,8 +240,16 @@ def random_block_mask(
         raise ValueError(f"segment_size={seg}: must be a positive multiple of block_size={bs}")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction={fraction}: must be in [0, 1]")
+    from pbs_vllm.kernels.params import SparsityParams
+    from pbs_vllm.kernels.plan import plan_prefill
+
+    params = SparsityParams(block_size=bs, segment_size=seg)
+    if plan is None:
+        plan = plan_prefill(batch, params, device, num_kv_heads)
+    else:
+        plan.check(batch, params, device, num_kv_heads)
     gen = torch.Generator(device=device).manual_seed(seed)
-    qb_host = QueryBlocks.of(batch, bs)
+    qb_host = plan.qblocks_host
     i32 = dict(dtype=torch.int32, device=device)
 
     perms, offsets, start = [], [], 0
@@ -284,10 +275,8 @@ def random_block_mask(
     kv_indices = chosen.sort(dim=-1).values.to(torch.int32)
 
     return PBSBlockMask(
-        batch=batch,
-        block_size=bs,
+        plan=plan,
         segment_size=seg,
-        qblocks=QueryBlocks.on(batch, bs, device),
         own_start=own_start.to(**i32),
         kv_num_blocks=n_keep.to(**i32).expand(num_kv_heads, tq).contiguous(),
         kv_indices=kv_indices,

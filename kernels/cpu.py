@@ -35,12 +35,12 @@ import threading
 
 import torch
 
-from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks
+from pbs_vllm.kernels.block_mask import PBSBlockMask
 from pbs_vllm.kernels.estimate import exact_block_mass, segment_permutation
-from pbs_vllm.kernels.inputs import check_prefill_inputs, permuted_region_lengths
 from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
 from pbs_vllm.kernels.params import SparsityParams
-from pbs_vllm.kernels.selection import block_probs, kept_cap, select_blocks
+from pbs_vllm.kernels.plan import PrefillPlan
+from pbs_vllm.kernels.selection import block_probs, select_blocks
 
 KERNELS_ENV = "PBS_VLLM_CPU_KERNELS"
 CHOICES = ("torch", "triton")
@@ -230,21 +230,21 @@ def pool_key_blocks_torch(
 
 
 def build_block_mask_torch(
-    q: torch.Tensor, kv: PagedKV, batch: ChunkBatch, params: SparsityParams, scale: float
+    q: torch.Tensor,
+    kv: PagedKV,
+    batch: ChunkBatch,
+    params: SparsityParams,
+    scale: float,
+    plan: PrefillPlan | None = None,
 ) -> PBSBlockMask:
     """`build_block_mask` in PyTorch (same arguments, same mask)."""
-    check_prefill_inputs(q, kv, batch)
+    from pbs_vllm.kernels.estimate import estimation_plan
+
+    plan = estimation_plan(q, kv, batch, params, plan)
     bs, ss, hkv, dev = params.block_size, params.segment_size, kv.num_kv_heads, q.device
     stride = params.antidiagonal_stride if params.scoring == "antidiagonal" else 1
-    qb = QueryBlocks.on(batch, bs, dev)
-    n_perm = permuted_region_lengths(batch, ss)
-    offsets = [0]
-    for n in n_perm:
-        offsets.append(offsets[-1] + n)
-    blocks = torch.bincount(QueryBlocks.of(batch, bs).seq, minlength=len(batch)).tolist()
-    width = max(n // bs for n in n_perm) if any(n_perm) else 1
-    if params.max_kept_fraction is not None:
-        width = int(kept_cap(torch.tensor(width), params.max_kept_fraction))
+    qb, blocks = plan.qblocks, plan.blocks_per_seq
+    n_perm, offsets, width = plan.estimate.n_perm, plan.estimate.offsets, plan.estimate.width
 
     i32 = dict(dtype=torch.int32, device=dev)
     perm = torch.empty(hkv, offsets[-1], **i32)
@@ -280,15 +280,13 @@ def build_block_mask_torch(
             kv_indices[:, k0:k1, :w] = ids[..., :w]
         k0 = k1
     return PBSBlockMask(
-        batch=batch,
-        block_size=bs,
+        plan=plan,
         segment_size=ss,
-        qblocks=qb,
-        own_start=(qb.pos // ss * ss).to(torch.int32),
+        own_start=plan.estimate.own_start,
         kv_num_blocks=kv_num_blocks,
         kv_indices=kv_indices,
         perm=perm,
-        perm_offset=torch.tensor(offsets[:-1], **i32),
+        perm_offset=plan.estimate.perm_offset,
     )
 
 
@@ -447,7 +445,7 @@ def pbs_attention_torch(
     lse_all = torch.empty(hq, t, dtype=torch.float32, device=q.device) if return_lse else None
     batch = mask.batch
     starts = batch.cu_seqlens_q
-    blocks = torch.bincount(QueryBlocks.of(batch, mask.block_size).seq, minlength=len(batch))
+    blocks = mask.plan.blocks_per_seq
     k0 = 0
     for b, n_keys in enumerate(batch.seq_lens):
         k1 = k0 + int(blocks[b])

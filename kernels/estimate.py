@@ -6,23 +6,23 @@ row table and the exact block mass beside it, Triton pooling of the permuted key
 one matmul of pooled scores and one Triton selection over all of its query blocks and KV
 heads. `segment_permutation` and `exact_block_mass` are the PyTorch references of the
 permutation kernel.
-No host-device synchronisation: every size comes from the host-side ChunkBatch.
+No host-device synchronisation: every size comes from the run's `PrefillPlan` (built on
+the host from the ChunkBatch, once per step).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks, row_table_key
+from pbs_vllm.kernels.block_mask import PBSBlockMask, RowTable, row_table_key
 from pbs_vllm.kernels.block_pool import pool_key_blocks, pool_query_blocks
 from pbs_vllm.kernels.importance import key_importance
-from pbs_vllm.kernels.inputs import check_prefill_inputs, permuted_region_lengths
-from pbs_vllm.kernels.paged import ChunkBatch, PagedKV, refuse_cache_offset, upload
+from pbs_vllm.kernels.inputs import check_prefill_inputs
+from pbs_vllm.kernels.paged import ChunkBatch, PagedKV, refuse_cache_offset
 from pbs_vllm.kernels.params import SparsityParams
 from pbs_vllm.kernels.permute import permute_region
-from pbs_vllm.kernels.selection import kept_cap, select_into
+from pbs_vllm.kernels.plan import PrefillPlan, plan_for
+from pbs_vllm.kernels.selection import select_into
 
 
 def segment_permutation(scores: torch.Tensor, segment_size: int) -> torch.Tensor:
@@ -52,47 +52,31 @@ def exact_block_mass(scores: torch.Tensor, perm: torch.Tensor, block_size: int) 
     return mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
 
 
-@dataclass(frozen=True)
-class _EstimatePlan:
-    """What estimation derives from the batch and the block geometry alone, built once per
-    step (cached on the ChunkBatch) and shared by every layer: per sequence the permuted
-    region length, its first slot in perm (host list and device tensor), its query block
-    count; the kept-ids width; each query block's own-segment start on the device."""
-
-    n_perm: list[int]
-    offsets: list[int]
-    blocks: list[int]
-    width: int
-    own_start: torch.Tensor
-    perm_offset: torch.Tensor
-
-    @classmethod
-    def of(cls, batch: ChunkBatch, params: SparsityParams, device) -> _EstimatePlan:
-        bs, ss = params.block_size, params.segment_size
-        key = ("estimate", bs, ss, params.max_kept_fraction, str(device))
-        if key not in batch.derived:
-            qb = QueryBlocks.on(batch, bs, device)
-            n_perm = permuted_region_lengths(batch, ss)
-            offsets = [0]
-            for n in n_perm:
-                offsets.append(offsets[-1] + n)
-            blocks = torch.bincount(QueryBlocks.of(batch, bs).seq, minlength=len(batch))
-            width = max(n // bs for n in n_perm) if any(n_perm) else 1
-            if params.max_kept_fraction is not None:
-                width = int(kept_cap(torch.tensor(width), params.max_kept_fraction))
-            batch.derived[key] = cls(
-                n_perm=n_perm,
-                offsets=offsets,
-                blocks=blocks.tolist(),
-                width=width,
-                own_start=qb.pos // ss * ss,
-                perm_offset=upload(torch.tensor(offsets[:-1], dtype=torch.int32), device),
-            )
-        return batch.derived[key]
+def estimation_plan(
+    q: torch.Tensor,
+    kv: PagedKV,
+    batch: ChunkBatch,
+    params: SparsityParams,
+    plan: PrefillPlan | None,
+) -> PrefillPlan:
+    """`plan` checked against the inputs (ValueError naming the values), or a plan built
+    on the fly when None; it must hold the estimation plan (built with dense=False)."""
+    check_prefill_inputs(q, kv, batch)
+    if plan is None:
+        return plan_for(q, kv, batch, params)
+    plan.check(batch, params, q.device, kv.num_kv_heads)
+    if plan.estimate is None:
+        raise ValueError("plan was built with dense=True: it has no estimation plan")
+    return plan
 
 
 def build_block_mask(
-    q: torch.Tensor, kv: PagedKV, batch: ChunkBatch, params: SparsityParams, scale: float
+    q: torch.Tensor,
+    kv: PagedKV,
+    batch: ChunkBatch,
+    params: SparsityParams,
+    scale: float,
+    plan: PrefillPlan | None = None,
 ) -> PBSBlockMask:
     """PBS block mask of q [T, Hq, D] (rows in batch order) over the paged cache.
 
@@ -100,18 +84,19 @@ def build_block_mask(
     query blocks of sequences without one get no permuted blocks (dense own segment only).
     With params.exact_last_block the sequence's last query block (whose candidates are the
     whole permuted region) selects by `exact_block_mass` instead of pooled scores.
+    plan: the run's `PrefillPlan` (the serving path builds it once per step); None builds
+    one on the fly.
     """
     from pbs_vllm.kernels.cpu import build_block_mask_torch, use_torch_kernels
 
     if use_torch_kernels(q):  # CPU tensors: vectorized PyTorch (PBS_VLLM_CPU_KERNELS)
         refuse_cache_offset(kv, "the PyTorch estimation")
-        return build_block_mask_torch(q, kv, batch, params, scale)
-    check_prefill_inputs(q, kv, batch)
+        return build_block_mask_torch(q, kv, batch, params, scale, plan)
+    plan = estimation_plan(q, kv, batch, params, plan)
     bs, ss, hkv, dev = params.block_size, params.segment_size, kv.num_kv_heads, q.device
     stride = params.antidiagonal_stride if params.scoring == "antidiagonal" else 1
-    qb = QueryBlocks.on(batch, bs, dev)
-    plan = _EstimatePlan.of(batch, params, dev)
-    n_perm, offsets, blocks_per_seq, width = plan.n_perm, plan.offsets, plan.blocks, plan.width
+    qb, est, blocks_per_seq = plan.qblocks, plan.estimate, plan.blocks_per_seq
+    n_perm, offsets, width = est.n_perm, est.offsets, est.width
 
     i32 = dict(dtype=torch.int32, device=dev)
     perm = torch.empty(hkv, offsets[-1], **i32)
@@ -151,17 +136,15 @@ def build_block_mask(
                 scale,
             )
         k0 = k1
-    mask = PBSBlockMask(
-        batch=batch,
-        block_size=bs,
+    # The permutation kernel wrote the attention kernel's row table for this block table.
+    key = row_table_key(kv.block_table, kv.page_size)
+    return PBSBlockMask(
+        plan=plan,
         segment_size=ss,
-        qblocks=qb,
-        own_start=plan.own_start,
+        own_start=est.own_start,
         kv_num_blocks=kv_num_blocks,
         kv_indices=kv_indices,
         perm=perm,
-        perm_offset=plan.perm_offset,
+        perm_offset=est.perm_offset,
+        row_table=RowTable(kv.block_table, key, rows),
     )
-    # The permutation kernel wrote the attention kernel's row table for this block table.
-    mask.plans["rows"] = (row_table_key(kv), kv.block_table, rows)
-    return mask

@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 
 from pbs_vllm.kernels.attention_ref import gather_sequence_kv
-from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks
+from pbs_vllm.kernels.block_mask import PBSBlockMask
 from pbs_vllm.kernels.inputs import check_prefill_inputs, permuted_region_lengths
 from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
 from pbs_vllm.kernels.params import SparsityParams
+from pbs_vllm.kernels.plan import PrefillPlan, plan_for
 from pbs_vllm.kernels.selection import kept_cap
 
 
@@ -99,7 +100,8 @@ def build_block_mask_ref(
     group = check_prefill_inputs(q, kv, batch)
     bs, ss, hkv = params.block_size, params.segment_size, kv.num_kv_heads
     stride = params.antidiagonal_stride if params.scoring == "antidiagonal" else 1
-    qb = QueryBlocks.of(batch, bs)
+    plan = plan_for(q, kv, batch, params)
+    qb = plan.qblocks_host
     n_perm = permuted_region_lengths(batch, ss)
     perms = []
     selected = [[[] for _ in range(len(qb))] for _ in range(hkv)]
@@ -141,18 +143,16 @@ def build_block_mask_ref(
                         p += torch.softmax(logits, dim=0).cpu() / group
                 sink = int((perm[h, :ss] == 0).nonzero()) // bs if params.keep_sink else None
                 selected[h][k] = select_ref(p.tolist(), sink, params)
-    return _to_mask(batch, params, qb.to(q.device), perms, selected, q.device)
+    return _to_mask(plan, perms, selected, q.device)
 
 
 def _to_mask(
-    batch: ChunkBatch,
-    params: SparsityParams,
-    qb: QueryBlocks,
+    plan: PrefillPlan,
     perms: list[torch.Tensor],
     selected: list[list[list[int]]],
     device: torch.device,
 ) -> PBSBlockMask:
-    hkv, tq = len(selected), len(qb)
+    hkv, tq = len(selected), len(plan.qblocks_host)
     width = max([1] + [len(s) for per_head in selected for s in per_head])
     num = torch.zeros(hkv, tq, dtype=torch.int32)
     idx = torch.zeros(hkv, tq, width, dtype=torch.int32)
@@ -163,12 +163,11 @@ def _to_mask(
     offsets = [0]
     for p in perms:
         offsets.append(offsets[-1] + p.shape[1])
+    qb, ss = plan.qblocks, plan.segment_size
     return PBSBlockMask(
-        batch=batch,
-        block_size=params.block_size,
-        segment_size=params.segment_size,
-        qblocks=qb,
-        own_start=(qb.pos // params.segment_size * params.segment_size).int(),
+        plan=plan,
+        segment_size=ss,
+        own_start=(qb.pos // ss * ss).int(),
         kv_num_blocks=num.to(device),
         kv_indices=idx.to(device),
         perm=torch.cat(perms, dim=1).to(device),

@@ -16,8 +16,9 @@ over static query / output buffers and that layer's cache, and replays it for ev
 Kernels read another layer's cache through `PagedKV.cache_offset` (= `offset`): element
 distances from the captured cache to this layer's, which requires the same dtype, shape
 and strides (vLLM allocates every layer's cache alike). What the work derives from the
-batch alone is planned before the capture (`pbs_vllm.kernels.plan.plan_step`); an upload
-inside a capture raises (`paged.upload`), so a graph never replays a stale host copy.
+batch alone is planned before the capture (`pbs_vllm.kernels.plan.PrefillPlan`, which
+the captured calls take); an upload inside a capture raises (`paged.upload`), so a graph
+never replays a stale host copy.
 No vLLM here; CUDA only.
 """
 
@@ -148,15 +149,20 @@ class StepGraphs:
         return self.outputs[name]
 
 
-def capture_prefill(graphs: StepGraphs, block_table, batch, params, scale: float, attend):
+def capture_prefill(graphs: StepGraphs, block_table, plan, params, scale: float, attend):
     """Capture one prefill run's estimation ("estimate": its mask) and attention ("attend":
     into `graphs.out`) over `graphs.q` and the bound cache; returns the captured mask.
-    attend(q, kv, mask, scale, out) is the prefill attention (FA3 route)."""
+    plan: the run's PrefillPlan (`plan_prefill` with attention='fa3' and this block
+    table, built before the capture); attend(q, kv, mask, scale, out) is the prefill
+    attention (FA3 route)."""
     from pbs_vllm.kernels.paged import PagedKV
     from pbs_vllm.kernels.prefill import prefill_mask
 
     view = PagedKV(graphs.key_cache, graphs.value_cache, block_table, graphs.offset)
-    mask = graphs.capture("estimate", lambda: prefill_mask(graphs.q, view, batch, params, scale))
+    mask = graphs.capture(
+        "estimate",
+        lambda: prefill_mask(graphs.q, view, plan.batch, params, scale, plan=plan),
+    )
     graphs.capture("attend", lambda: attend(graphs.q, view, mask, scale, graphs.out))
     return mask
 
@@ -180,8 +186,9 @@ def check_step_graphs(
     captured is found then, not at its first long request. attend(q, kv, mask, scale,
     out) is the server's prefill attention.
     """
+    from pbs_vllm.kernels.attention import tile_shape
     from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
-    from pbs_vllm.kernels.plan import plan_step
+    from pbs_vllm.kernels.plan import plan_prefill
     from pbs_vllm.kernels.prefill import prefill_mask
 
     device = torch.device(device)
@@ -202,19 +209,29 @@ def check_step_graphs(
             for _ in range(2)
         )
         layers.append((q, PagedKV(kc, vc, table)))
-    plan_step(batch, params, device, route)
+    tiles = tile_shape(num_q_heads, num_kv_heads, head_dim, dtype, params.block_size)
+    plan = plan_prefill(
+        batch,
+        params,
+        device,
+        num_kv_heads,
+        route,
+        tiles=tiles,
+        block_table=table,
+        page_size=page_size,
+    )
     graphs = StepGraphs(q_len, num_q_heads, head_dim, dtype, device)
     try:
         for i, (q, kv) in enumerate(layers):
             if not graphs.bind(q, kv.key_cache, kv.value_cache):
                 return "a second layer's cache cannot stand in for the first's"
             if i == 0:
-                capture_prefill(graphs, table, batch, params, scale, attend)
+                capture_prefill(graphs, table, plan, params, scale, attend)
             graphs.replay("estimate")
             graphs.replay("attend")
         q, kv = layers[1]
         want = torch.empty_like(q)
-        attend(q, kv, prefill_mask(q, kv, batch, params, scale), scale, want)
+        attend(q, kv, prefill_mask(q, kv, batch, params, scale, plan=plan), scale, want)
         if not torch.equal(graphs.out, want):
             err = (graphs.out.float() - want.float()).abs().max().item()
             return f"replayed output differs from the eager one (max abs diff {err:.3g})"

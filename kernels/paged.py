@@ -14,7 +14,7 @@ seq_lens = ctx_lens + q_lens, all of them already written to the paged cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -106,14 +106,13 @@ class ChunkBatch:
     """Host-side description of a varlen batch of prefill chunks (no device sync needed).
 
     q_lens[b] query tokens at absolute positions [ctx_lens[b], ctx_lens[b] + q_lens[b]).
-    `derived` caches what the kernels derive from the batch alone (query blocks and tile
-    tables, on the host and the device): a step's batch is built once and every layer
-    reuses them (plan once per step, run per layer). Treat a batch as immutable.
+    What the kernels derive from a batch alone (query blocks, tile tables, ... on the host
+    and the device) is its `pbs_vllm.kernels.plan.PrefillPlan`, built once per step.
+    Treat a batch as immutable.
     """
 
     q_lens: list[int]
     ctx_lens: list[int]
-    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.q_lens) != len(self.ctx_lens):

@@ -20,7 +20,9 @@ block-ordered scratch copy of that head's keys (the cache itself stays in origin
               [own_start, pos0 + i]: exactly the mask's keys, in one call, no merge.
 
 A mask without permuted blocks (the dense mask) needs no scratch: one call over the
-paged cache itself. Per layer and KV-head group: one page-table launch, one gather
+paged cache itself. What the route derives from the batch alone (scratch page layout,
+cu_seqlens, tail slots and their cache rows) is the mask's plan's `VarlenPlan`
+(`pbs_vllm.kernels.plan`), built once per step. Per layer and KV-head group: one page-table launch, one gather
 launch, then one varlen call per KV head. The scratch of a head group stays under
 `SCRATCH_BUDGET_BYTES` (heads are gathered in groups when all of them would not fit).
 
@@ -31,7 +33,6 @@ CPU tensors take PyTorch versions of the two launches (with `varlen_attention_re
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -39,115 +40,31 @@ import triton.language as tl
 from torch.profiler import record_function
 
 from pbs_vllm.kernels.attention import _checked_outputs, _row_table
-from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks, row_table_key
+from pbs_vllm.kernels.block_mask import PBSBlockMask
 from pbs_vllm.kernels.cpu import use_torch_kernels
-from pbs_vllm.kernels.paged import ChunkBatch, PagedKV, cache_offsets, refuse_cache_offset, upload
+from pbs_vllm.kernels.paged import PagedKV, cache_offsets, refuse_cache_offset
+from pbs_vllm.kernels.plan import VarlenPlan
 
 VarlenFn = Callable[..., object]
 
 SCRATCH_BUDGET_BYTES = 256 << 20
 
 
-@dataclass(frozen=True)
-class VarlenPlan:
-    """What the varlen route derives from a mask's batch and block geometry alone, built
-    once per step (cached on the ChunkBatch) and shared by every layer.
-
-    Host: perm_pages (P / B), n_pages (scratch pages per KV head), max_q (longest query
-    block), max_own_pages.
-    Device ([Tq] int32 unless noted): tail_seq / tail_pos ([n_tail] int64: the sequence and
-    original position of every tail slot, padding included); cu_seqlens_q [Tq + 1]; perm_page (first scratch
-    page of the query block's sequence's permuted region); own_page (scratch page of its
-    own_start); own_len (keys of its own region).
-    """
-
-    perm_pages: int
-    n_pages: int
-    max_q: int
-    max_own_pages: int
-    tail_seq: torch.Tensor
-    tail_pos: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    perm_page: torch.Tensor
-    own_page: torch.Tensor
-    own_len: torch.Tensor
-    _tail_rows: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def of(cls, mask: PBSBlockMask) -> VarlenPlan:
-        """The plan of `mask`'s batch and block geometry (see `for_batch`)."""
-        plan = cls.for_batch(mask.batch, mask.block_size, mask.segment_size, mask.own_start.device)
-        if plan.perm_pages * mask.block_size != mask.perm.shape[1]:
-            raise ValueError(
-                f"mask holds {mask.perm.shape[1]} permuted slots, its batch's permuted "
-                f"regions {plan.perm_pages * mask.block_size}"
-            )
-        return plan
-
-    @classmethod
-    def for_batch(cls, batch: ChunkBatch, bs: int, ss: int, device) -> VarlenPlan:
-        """Built once per step (cached on the ChunkBatch); `plan_step` builds it before
-        the layers run, so a captured graph never uploads."""
-        key = ("varlen", bs, ss, str(torch.device(device)))
-        if key not in batch.derived:
-            batch.derived[key] = cls._build(batch, bs, ss, torch.device(device))
-        return batch.derived[key]
-
-    @classmethod
-    def _build(cls, batch: ChunkBatch, bs: int, ss: int, device) -> VarlenPlan:
-        qb = QueryBlocks.of(batch, bs)
-        # Permuted regions: whole segments before each sequence's last query segment.
-        perm_first, start = [], 0
-        for n in batch.seq_lens:
-            perm_first.append(start // bs)
-            start += (n - 1) // ss * ss if ss else 0
-        if start % bs:
-            raise ValueError(f"permuted slots ({start}) not a multiple of B={bs}")
-        perm_pages = start // bs
-        tail_start = [(c // ss) * ss if ss else 0 for c in batch.ctx_lens]
-        tail_first, tail_seq, tail_pos, page = [], [], [], perm_pages
-        for b, (t0, n) in enumerate(zip(tail_start, batch.seq_lens)):
-            pages = -(-(n - t0) // bs)
-            tail_first.append(page)
-            page += pages
-            pos = torch.arange(t0, t0 + pages * bs).clamp_max(n - 1)
-            tail_seq.append(torch.full_like(pos, b))
-            tail_pos.append(pos)
-        seq = qb.seq.long()
-        own_start = (qb.pos // ss * ss).long() if ss else torch.zeros_like(seq)
-        own_len = qb.pos.long() + qb.length.long() - own_start
-        t0 = torch.tensor(tail_start)[seq]
-        own_page = torch.tensor(tail_first)[seq] + (own_start - t0) // bs
-        cu = torch.cat([qb.row.long(), torch.tensor([sum(batch.q_lens)])])
-        packed = torch.stack([torch.tensor(perm_first)[seq], own_page, own_len]).to(torch.int32)
-        perm_page, own_page_d, own_len_d = upload(packed, device).unbind(0)
-        tail_seq_d, tail_pos_d = upload(
-            torch.stack([torch.cat(tail_seq), torch.cat(tail_pos)]), device
+def varlen_plan(mask: PBSBlockMask) -> VarlenPlan:
+    """The varlen plan of `mask`'s batch and block geometry (`PrefillPlan.varlen`)."""
+    plan = mask.plan.varlen
+    if plan is None:
+        raise ValueError(
+            f"the mask's plan has no varlen plan (built with attention="
+            f"{mask.plan.attention!r}, dense={mask.plan.dense}): the FA3 route needs one "
+            "built with attention='fa3' or None and dense=False"
         )
-        return cls(
-            perm_pages=perm_pages,
-            n_pages=page,
-            max_q=int(qb.length.max()),
-            max_own_pages=int(((own_len + bs - 1) // bs).max()),
-            tail_seq=tail_seq_d,
-            tail_pos=tail_pos_d,
-            cu_seqlens_q=upload(cu.to(torch.int32), device),
-            perm_page=perm_page,
-            own_page=own_page_d,
-            own_len=own_len_d,
+    if plan.perm_pages * mask.block_size != mask.perm.shape[1]:
+        raise ValueError(
+            f"mask holds {mask.perm.shape[1]} permuted slots, its batch's permuted "
+            f"regions {plan.perm_pages * mask.block_size}"
         )
-
-    def tail_rows(self, kv: PagedKV) -> torch.Tensor:
-        """[n_tail] int32 on the cache's device: the cache row (page * page_size + slot)
-        of every tail slot, under `kv`'s block table (cached per block table)."""
-        cache = self._tail_rows
-        key = row_table_key(kv)
-        if key not in cache:
-            cache.clear()
-            bt, ps = kv.block_table, kv.page_size
-            rows = bt[self.tail_seq, self.tail_pos // ps].long() * ps + self.tail_pos % ps
-            cache[key] = (bt, rows.to(torch.int32))
-        return cache[key][1]
+    return plan
 
 
 # --------------------------------------------------------------------------- launches
@@ -301,7 +218,7 @@ def pbs_attention_varlen(
         if mask.segment_size == 0 and mask.perm.shape[1] == 0:  # the dense mask
             _dense(q, kv, mask, scale, varlen_fn, out, lse)
             return (out, lse) if return_lse else out
-        plan = VarlenPlan.of(mask)
+        plan = varlen_plan(mask)
         bs = mask.block_size
         table, seqused = page_tables(mask, plan)
         rows, tail = _row_table(mask, kv), plan.tail_rows(kv)
@@ -336,21 +253,20 @@ def pbs_attention_varlen(
 def _dense(q, kv: PagedKV, mask: PBSBlockMask, scale, varlen_fn, out, lse) -> None:
     """The full causal mask: one call over the paged cache itself."""
     refuse_cache_offset(kv, "the dense FA3 call")
-    batch, dev = mask.batch, q.device
-    key = ("varlen_dense", str(dev))
-    if key not in batch.derived:
-        cu = torch.tensor(batch.cu_seqlens_q, dtype=torch.int32)
-        lens = torch.tensor(batch.seq_lens, dtype=torch.int32)
-        batch.derived[key] = (upload(cu, dev), upload(lens, dev))
-    cu, lens = batch.derived[key]
+    batch, planned = mask.batch, mask.plan.dense_varlen
+    if planned is None:
+        raise ValueError(
+            f"the dense mask's plan has no FA3 plan (built with attention="
+            f"{mask.plan.attention!r}): build it with attention='fa3' or None"
+        )
     res = varlen_fn(
         q,
         kv.key_cache,
         kv.value_cache,
         max_seqlen_q=max(batch.q_lens),
-        cu_seqlens_q=cu,
+        cu_seqlens_q=planned.cu_seqlens_q,
         max_seqlen_k=max(batch.seq_lens),
-        seqused_k=lens,
+        seqused_k=planned.seq_lens,
         softmax_scale=scale,
         causal=True,
         block_table=kv.block_table[: len(batch)],

@@ -39,10 +39,8 @@ def topk_oracle_mask(probs: torch.Tensor, budget: PBSBlockMask) -> PBSBlockMask:
     chosen = chosen.masked_fill(torch.arange(width) >= n_sel[..., None], nb).sort(dim=-1).values
     n_perm = budget.perm.shape[1]
     return PBSBlockMask(
-        batch=batch,
-        block_size=bs,
+        plan=budget.plan,
         segment_size=budget.segment_size,
-        qblocks=budget.qblocks,
         own_start=budget.own_start,
         kv_num_blocks=budget.kv_num_blocks,
         kv_indices=chosen.to(device=dev, dtype=torch.int32),

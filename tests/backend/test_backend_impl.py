@@ -268,3 +268,33 @@ def test_sparse_step_ends_the_dense_hold(harness_factory, monkeypatch):
         h.step(reqs)
         per_step.append((estimated[0] > before[0], calls[0] > before[1]))
     assert per_step == [(True, False), (True, True), (True, False)]
+
+
+def test_builder_plans_every_run_once_and_forward_only_launches(harness_factory, monkeypatch):
+    """The builder builds one PrefillPlan per prefill run (on `PrefillRun.plan`); the
+    layer's forward estimates and attends over it, never planning on the fly."""
+    from pbs_vllm.backend import metadata as metadata_mod
+    from pbs_vllm.kernels import estimate, prefill
+
+    h = harness_factory({**FULL_MASK, "dense_fallback_len": 100})
+    built = []
+    real = metadata_mod.plan_prefill
+    monkeypatch.setattr(
+        metadata_mod, "plan_prefill", lambda *a, **k: built.append(a[0]) or real(*a, **k)
+    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a layer built a plan on the fly")
+
+    monkeypatch.setattr(prefill, "plan_for", refuse)
+    monkeypatch.setattr(estimate, "plan_for", refuse)
+    step = h.step(MIXED)
+    runs = step.metadata.prefill_runs
+    assert [r.dense for r in runs] == [True, False, True]
+    assert built == [r.batch for r in runs]
+    for run in runs:
+        assert run.plan.batch is run.batch and run.plan.dense == run.dense
+        assert run.plan.num_kv_heads == 2 and run.plan.tiles is not None
+    torch.testing.assert_close(
+        step.output.double(), causal_reference(step, h.scale), atol=2e-4, rtol=1e-3
+    )

@@ -6,11 +6,13 @@ segment 32, a few hundred keys. Real sizes in bf16 run only on a GPU (marker `gp
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from attention_util import _causal_masks, _random_qkv, _rel_err, _truth
 
-from pbs_vllm.kernels.attention import pbs_attention
+from pbs_vllm.kernels.attention import _row_table, compose_row_table, pbs_attention
 from pbs_vllm.kernels.attention_ref import pbs_attention_ref
 from pbs_vllm.kernels.block_mask import (
     PBSBlockMask,
@@ -178,7 +180,8 @@ def test_strided_q_and_out(gen, paged_kv):
 
 
 def test_mask_reused_with_other_and_rewritten_block_tables(gen, paged_kv):
-    """The mask caches perm composed with the block table: it must follow the table."""
+    """A mask's row table (perm composed with one block table) serves only that table,
+    unchanged: other and rewritten tables get theirs composed."""
     batch = ChunkBatch(q_lens=[40, 25], ctx_lens=[150, 90])
     q, k, v = _random_qkv(gen, batch, 4, 2, 32, torch.float32, "cpu")
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
@@ -187,9 +190,11 @@ def test_mask_reused_with_other_and_rewritten_block_tables(gen, paged_kv):
     first, second = (paged_kv(k, v, batch.seq_lens, 4, gen) for _ in range(2))
     for kv in (first, second, first):
         assert _rel_err(pbs_attention(q, kv, mask, 0.125), truth) <= 1e-5
-    rows = mask.plans["rows"][2]
-    pbs_attention(q, first, mask, 0.125)
-    assert mask.plans["rows"][2] is rows, "row table rebuilt for an unchanged block table"
+    mask = dataclasses.replace(mask, row_table=compose_row_table(mask, first))
+    rows = mask.row_table.rows
+    assert _row_table(mask, first) is rows, "row table rebuilt for an unchanged block table"
+    assert _row_table(mask, second) is not rows
+    assert _rel_err(pbs_attention(q, first, mask, 0.125), truth) <= 1e-5
 
     # vLLM updates its block table in place: move every page of `first` somewhere else.
     moved = torch.randperm(first.key_cache.shape[0], generator=gen)

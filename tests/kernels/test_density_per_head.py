@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from pbs_vllm.kernels import ChunkBatch, SparsityParams, build_block_mask, dense_block_mask
 from pbs_vllm.kernels.block_mask import PBSBlockMask, random_block_mask
+from pbs_vllm.kernels.plan import plan_prefill
+
+
+def plan_params(plan) -> SparsityParams:
+    return SparsityParams(block_size=plan.block_size, segment_size=plan.segment_size)
+
 
 # Ragged chunks, most off block boundaries; one shorter than a block, one without a
 # permuted region, one starting at position 0.
@@ -42,17 +50,7 @@ def with_head_counts(mask: PBSBlockMask, gen: torch.Generator) -> PBSBlockMask:
     differ; kv_indices stay ascending, the kept ids are still valid)."""
     num = mask.kv_num_blocks
     keep = (torch.rand(num.shape, generator=gen) * (num.double() + 1)).floor().to(num.dtype)
-    return PBSBlockMask(
-        batch=mask.batch,
-        block_size=mask.block_size,
-        segment_size=mask.segment_size,
-        qblocks=mask.qblocks,
-        own_start=mask.own_start,
-        kv_num_blocks=keep.clamp(max=num),
-        kv_indices=mask.kv_indices,
-        perm=mask.perm,
-        perm_offset=mask.perm_offset,
-    )
+    return dataclasses.replace(mask, kv_num_blocks=keep.clamp(max=num))
 
 
 @pytest.mark.parametrize("shape", BATCH_SHAPES)
@@ -97,11 +95,15 @@ def test_estimated_mask_matches_brute_force(gen, paged_kv):
     assert (per_head > 0).all() and (per_head <= 1).all()
 
 
-def test_static_counts_cached_on_batch():
+def test_static_counts_come_from_the_plan():
+    """The own / visible block counts are the plan's host ints (no device work), the same
+    for a sparse mask and its plan's dense mask except the own regions."""
     batch = ChunkBatch([40], [150])
-    mask = random_block_mask(batch, 16, 32, 2, 0.5, "cpu")
-    mask.density_per_head_tensor()
-    keys = [k for k in batch.derived if k[0] == "block_counts_per_head"]
-    assert keys == [("block_counts_per_head", 16, 32)]
-    own, visible = batch.derived[keys[0]]
-    assert (own * 2, visible * 2) == mask._static_counts()
+    plan = plan_prefill(batch, SparsityParams(block_size=16, segment_size=32), "cpu", 2)
+    mask = random_block_mask(batch, 16, 32, 2, 0.5, "cpu", plan=plan)
+    # positions 150..189: blocks 9..11, own segments start at 128 / 160 (blocks 8 / 10)
+    assert (plan.own_blocks, plan.visible_blocks) == (2 + 1 + 2, 10 + 11 + 12)
+    assert mask._static_counts_per_head() == (plan.own_blocks, plan.visible_blocks)
+    assert mask._static_counts() == (2 * plan.own_blocks, 2 * plan.visible_blocks)
+    dense = plan_prefill(batch, plan_params(plan), "cpu", 2, dense=True).dense_mask()
+    assert dense._static_counts_per_head() == (plan.visible_blocks, plan.visible_blocks)

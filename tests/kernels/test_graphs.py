@@ -22,6 +22,7 @@ from pbs_vllm.kernels.estimate import build_block_mask
 from pbs_vllm.kernels.graphs import StepGraphs, capture_prefill
 from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
 from pbs_vllm.kernels.params import SparsityParams
+from pbs_vllm.kernels.plan import plan_for, plan_prefill
 from pbs_vllm.kernels.prefill import prefill_mask
 
 
@@ -63,8 +64,9 @@ def test_offset_kernels_read_the_other_layer(paged_kv, triton_kernels, layout):
     want = build_block_mask(q, kv_b, batch, params, 0.25)
     got = build_block_mask(q, via_a, batch, params, 0.25)
     _assert_same_mask(got, want)
-    plan = varlen.VarlenPlan.of(want)
+    plan = varlen.varlen_plan(want)
     rows, tail = _row_table(want, kv_b), plan.tail_rows(kv_b)
+    assert tail is plan.planned_tail_rows.rows  # planned with kv_b's block table
     ks_b, vs_b = varlen.gather_scratch(kv_b, rows, tail, 0, 2)
     ks_a, vs_a = varlen.gather_scratch(via_a, rows, tail, 0, 2)
     torch.testing.assert_close(ks_a, ks_b, rtol=0, atol=0)
@@ -116,12 +118,17 @@ def test_bind_takes_only_caches_of_the_captured_layout(paged_kv):
     assert not graphs.bind(q.double(), kv_b.key_cache, kv_b.value_cache)
 
 
-def test_plan_for_batch_is_the_masks_plan(gen):
+def test_the_masks_varlen_plan_is_its_plans(gen):
     batch = ChunkBatch(q_lens=[64, 9], ctx_lens=[64, 300])
-    mask = random_block_mask(batch, 16, 32, 2, 0.5, device="cpu", seed=1)
-    plan = varlen.VarlenPlan.for_batch(batch, 16, 32, "cpu")
-    assert varlen.VarlenPlan.of(mask) is plan
-    assert plan.perm_pages * 16 == mask.perm.shape[1]
+    params = SparsityParams(block_size=16, segment_size=32)
+    plan = plan_prefill(batch, params, "cpu", 2, "fa3")
+    mask = random_block_mask(batch, 16, 32, 2, 0.5, device="cpu", seed=1, plan=plan)
+    assert varlen.varlen_plan(mask) is plan.varlen
+    assert plan.varlen.perm_pages * 16 == mask.perm.shape[1]
+    triton_only = plan_prefill(batch, params, "cpu", 2, "triton")
+    mask = random_block_mask(batch, 16, 32, 2, 0.5, device="cpu", seed=1, plan=triton_only)
+    with pytest.raises(ValueError, match="attention='triton'.*FA3 route needs"):
+        varlen.varlen_plan(mask)
 
 
 # --- GPU ----------------------------------------------------------------------------------
@@ -132,8 +139,6 @@ def test_plan_for_batch_is_the_masks_plan(gen):
 def test_gpu_step_graphs_replay_other_layers_exactly(paged_kv, group, head_dim, hkv):
     """Capture estimation + FA3 attention at layer 0, replay over layers 1-3: masks and
     outputs equal the eager calls on each layer (the output poisoned before each replay)."""
-    from pbs_vllm.kernels.plan import plan_step
-
     fa3 = _fa3()
     if fa3 is None:
         pytest.skip("needs a Hopper GPU and vLLM's FA3")
@@ -145,16 +150,16 @@ def test_gpu_step_graphs_replay_other_layers_exactly(paged_kv, group, head_dim, 
     layers = _layers(paged_kv, 4, batch, hkv * group, hkv, head_dim, torch.bfloat16, "cuda", 11)
     params = SparsityParams(block_size=128, segment_size=512, tau=0.9)
     scale = head_dim**-0.5
-    plan_step(batch, params, "cuda", "fa3")
+    plan = plan_for(layers[0][0], layers[0][1], batch, params, "fa3")
     graphs = StepGraphs(sum(batch.q_lens), hkv * group, head_dim, torch.bfloat16, "cuda")
     for i, (q, kv) in enumerate(layers):
         assert graphs.bind(q, kv.key_cache, kv.value_cache)
         if i == 0:
-            capture_prefill(graphs, kv.block_table, batch, params, scale, attend)
+            capture_prefill(graphs, kv.block_table, plan, params, scale, attend)
         graphs.out.fill_(float("nan"))
         mask = graphs.replay("estimate")
         graphs.replay("attend")
-        want_mask = prefill_mask(q, kv, batch, params, scale)
+        want_mask = prefill_mask(q, kv, batch, params, scale, plan=plan)
         want = varlen.pbs_attention_varlen(q, kv, want_mask, scale, fa3)
         _assert_same_mask(mask, want_mask)
         assert not graphs.out.isnan().any()

@@ -16,8 +16,10 @@ from attention_util import _causal_masks, _fa3, _random_qkv, _rel_err, _truth
 from pbs_vllm.kernels import varlen
 from pbs_vllm.kernels.attention_ref import pbs_attention_ref, varlen_attention_ref
 from pbs_vllm.kernels.block_mask import dense_block_mask, random_block_mask
-from pbs_vllm.kernels.paged import ChunkBatch
-from pbs_vllm.kernels.varlen import VarlenPlan, gather_scratch, page_tables, pbs_attention_varlen
+from pbs_vllm.kernels.paged import ChunkBatch, PagedKV
+from pbs_vllm.kernels.params import SparsityParams
+from pbs_vllm.kernels.plan import plan_for
+from pbs_vllm.kernels.varlen import gather_scratch, page_tables, pbs_attention_varlen, varlen_plan
 
 
 def _masks(mask):
@@ -112,7 +114,7 @@ def test_page_tables_and_gather_triton_match_torch(gen, paged_kv, random_chunk_b
     q, k, v = _random_qkv(gen, batch, 4, 2, 16, torch.float32, "cpu")
     kv = paged_kv(k, v, batch.seq_lens, 4, gen, layout="fused")
     mask = random_block_mask(batch, 16, 32, 2, 0.5, device="cpu", seed=2)
-    plan = VarlenPlan.of(mask)
+    plan = varlen_plan(mask)
     rows, tail = _row_table(mask, kv), plan.tail_rows(kv)
     results = {}
     for kernels in ("torch", "triton"):
@@ -127,15 +129,22 @@ def test_page_tables_and_gather_triton_match_torch(gen, paged_kv, random_chunk_b
     assert int(seqused.max()) <= table.shape[-1] * mask.block_size
 
 
-def test_plan_is_built_once_per_step(gen, paged_kv, torch_kernels):
+def test_layers_share_the_plans_varlen_plan_and_tail_rows(gen, paged_kv, torch_kernels):
+    """Two layers' masks over one plan read one varlen plan; its tail rows are planned for
+    the block table it was built with, composed for any other (and equal to a fresh
+    composition)."""
     batch = ChunkBatch(q_lens=[64], ctx_lens=[64])
     q, k, v = _random_qkv(gen, batch, 4, 2, 16, torch.float32, "cpu")
     kv = paged_kv(k, v, batch.seq_lens, 4, gen)
-    first = random_block_mask(batch, 16, 32, 2, 0.5, device="cpu", seed=1)
-    second = random_block_mask(batch, 16, 32, 2, 0.5, device="cpu", seed=2)
-    assert VarlenPlan.of(first) is VarlenPlan.of(second)
-    plan = VarlenPlan.of(first)
-    assert plan.tail_rows(kv) is plan.tail_rows(kv)
+    plan = plan_for(q, kv, batch, SparsityParams(block_size=16, segment_size=32), "fa3")
+    first = random_block_mask(batch, 16, 32, 2, 0.5, device="cpu", seed=1, plan=plan)
+    second = random_block_mask(batch, 16, 32, 2, 0.5, device="cpu", seed=2, plan=plan)
+    assert varlen_plan(first) is varlen_plan(second) is plan.varlen
+    planned = plan.varlen.tail_rows(kv)
+    assert planned is plan.varlen.tail_rows(kv) is plan.varlen.planned_tail_rows.rows
+    other = PagedKV(kv.key_cache, kv.value_cache, kv.block_table.clone())
+    composed = plan.varlen.tail_rows(other)
+    assert composed is not planned and torch.equal(composed, planned)
 
 
 def test_reference_rejects_sizes_beyond_the_maxima():
