@@ -61,9 +61,9 @@ def estimation_plan(
 ) -> PrefillPlan:
     """`plan` checked against the inputs (ValueError naming the values), or a plan built
     on the fly when None; it must hold the estimation plan (built with dense=False)."""
-    check_prefill_inputs(q, kv, batch)
     if plan is None:
         return plan_for(q, kv, batch, params)
+    check_prefill_inputs(q, kv, batch)
     plan.check(batch, params, q.device, kv.num_kv_heads)
     if plan.estimate is None:
         raise ValueError("plan was built with dense=True: it has no estimation plan")

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks, RowTable, row_table_key
-from pbs_vllm.kernels.inputs import permuted_region_lengths
+from pbs_vllm.kernels.inputs import check_prefill_inputs, permuted_region_lengths
 from pbs_vllm.kernels.paged import ChunkBatch, PagedKV, upload
 from pbs_vllm.kernels.params import SparsityParams
 from pbs_vllm.kernels.selection import kept_cap
@@ -452,9 +452,11 @@ def plan_for(
     dense: bool = False,
 ) -> PrefillPlan:
     """`plan_prefill` for queries q [T, Hq, D] over `kv` (the tile table for q's heads,
-    the tail rows for kv's block table): the on-the-fly plan of the public entry points."""
+    the tail rows for kv's block table): the on-the-fly plan of the public entry points.
+    The inputs are checked first (`check_prefill_inputs`)."""
     from pbs_vllm.kernels.attention import tile_shape
 
+    check_prefill_inputs(q, kv, batch)
     hkv = kv.num_kv_heads
     return plan_prefill(
         batch,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from attention_util import _random_qkv
 
-from pbs_vllm.kernels import ChunkBatch, SparsityParams, pbs_prefill, prefill_mask
+from pbs_vllm.kernels import ChunkBatch, PagedKV, SparsityParams, pbs_prefill, prefill_mask
 from pbs_vllm.kernels.attention import _tile_table, tile_shape
 from pbs_vllm.kernels.estimate import build_block_mask
 from pbs_vllm.kernels.plan import (
@@ -171,3 +171,10 @@ def test_on_rebuilds_the_plan_for_another_device():
     again = plan.on("cpu")
     assert again is not plan and repr(again) == repr(plan)
     assert torch.equal(again.tiles.table, plan.tiles.table)
+
+
+def test_on_the_fly_plans_check_the_inputs_first(gen, paged_kv):
+    q, kv = _inputs(gen, paged_kv)
+    short = PagedKV(kv.key_cache, kv.value_cache, kv.block_table[:, :2])
+    with pytest.raises(ValueError, match="block_table has 2 pages per sequence"):
+        prefill_mask(q, short, BATCH, PARAMS, 0.25)
