@@ -48,6 +48,7 @@ CONFIGS: dict[str, tuple[str, dict | None]] = {
     # the same on the portable Triton kernel (on Hopper, pbs-tau attends through FA3)
     "pbs-tau-triton": ("pbs", {"tau": 0.9, "attention_kernel": "triton", **_PURE}),
     "pbs-tau0.8": ("pbs", {"tau": 0.8, **_PURE}),
+    "pbs-tau0.95": ("pbs", {"tau": 0.95, **_PURE}),
     "pbs-full": ("pbs", {"tau": 1.0, **_PURE}),
     "pbs-default": ("pbs", {}),
     # the default with sparse prefill from 16K on (a candidate default for real models)

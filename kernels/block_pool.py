@@ -22,8 +22,9 @@ from pbs_vllm.kernels.paged import PagedKV, cache_offsets
 from pbs_vllm.kernels.paged_tiles import load_paged_keys
 
 
-# Per-chunk sizes are not specialised (no JIT compile per new chunk shape).
-@triton.jit(do_not_specialize=["stride_oh"])
+# Per-chunk sizes are not specialised (no JIT compile per new chunk shape), nor the
+# alignment of the query-block index rows (slices of the step's plan).
+@triton.jit(do_not_specialize=["row_ptr", "len_ptr", "pos_ptr", "stride_oh"])
 def _pool_query_blocks_kernel(
     q_ptr,
     out_ptr,

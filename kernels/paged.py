@@ -173,3 +173,23 @@ def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         # everything a step uploads is planned before its graphs are captured.
         raise RuntimeError("upload() during CUDA graph capture: plan the step first")
     return host.pin_memory().to(device, non_blocking=True)
+
+
+# Triton specialises a pointer argument on 16-byte alignment: a row of a packed upload
+# that starts off that boundary would compile a second variant of every kernel reading it
+# (seen on the GPU as compiles at the first request of each new prompt length).
+_ALIGN_BYTES = 16
+
+
+def upload_rows(host: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """`upload` a 2-D host tensor in one copy and return its rows, each starting on a
+    16-byte boundary (the row length is padded on the device, the padding never read),
+    so no kernel variant depends on the row length."""
+    if host.dim() != 2:
+        raise ValueError(f"upload_rows takes a 2-D tensor, got shape {tuple(host.shape)}")
+    n = host.shape[1]
+    per = max(1, _ALIGN_BYTES // host.element_size())
+    width = -(-n // per) * per
+    if width != n:
+        host = torch.cat([host, host.new_zeros(host.shape[0], width - n)], dim=1)
+    return tuple(row[:n] for row in upload(host, device).unbind(0))

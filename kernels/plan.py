@@ -42,7 +42,7 @@ import torch
 
 from pbs_vllm.kernels.block_mask import PBSBlockMask, QueryBlocks, RowTable, row_table_key
 from pbs_vllm.kernels.inputs import check_prefill_inputs, permuted_region_lengths
-from pbs_vllm.kernels.paged import ChunkBatch, PagedKV, upload
+from pbs_vllm.kernels.paged import ChunkBatch, PagedKV, upload, upload_rows
 from pbs_vllm.kernels.params import SparsityParams
 from pbs_vllm.kernels.selection import kept_cap
 
@@ -333,8 +333,10 @@ def _varlen_plan(batch: ChunkBatch, bs: int, ss: int, qb: QueryBlocks, device, p
     own_page = torch.tensor(tail_first)[seq] + (own_start - t0) // bs
     cu = torch.cat([qb.row.long(), torch.tensor([sum(batch.q_lens)])])
     packed = torch.stack([torch.tensor(perm_first)[seq], own_page, own_len]).to(torch.int32)
-    perm_page, own_page_d, own_len_d = upload(packed, device).unbind(0)
-    tail_seq_d, tail_pos_d = upload(torch.stack([torch.cat(tail_seq), torch.cat(tail_pos)]), device)
+    perm_page, own_page_d, own_len_d = upload_rows(packed, device)
+    tail_seq_d, tail_pos_d = upload_rows(
+        torch.stack([torch.cat(tail_seq), torch.cat(tail_pos)]), device
+    )
     planned = None
     if pages is not None:
         block_table, page_size = pages
@@ -391,7 +393,7 @@ def plan_prefill(
     bs, ss = params.block_size, params.segment_size
     qb_host = query_blocks(batch, bs)
     packed = torch.stack([qb_host.seq, qb_host.row, qb_host.length, qb_host.pos])
-    qb = QueryBlocks(*upload(packed, device).unbind(0))
+    qb = QueryBlocks(*upload_rows(packed, device))
     last = (qb_host.pos + qb_host.length - 1).long()
     own = last // bs - (qb_host.pos.long() // ss * ss) // bs + 1
     fa3, triton_route = attention in ("fa3", None), attention in ("triton", None)
@@ -419,7 +421,7 @@ def plan_prefill(
         )
         if fa3:
             lens = torch.tensor([batch.cu_seqlens_q, [0, *batch.seq_lens]], dtype=torch.int32)
-            cu, seq_lens = upload(lens, device).unbind(0)
+            cu, seq_lens = upload_rows(lens, device)
             dense_varlen = DenseVarlen(cu, seq_lens[1:])
     return PrefillPlan(
         batch=batch,

@@ -89,9 +89,14 @@ def select_blocks(
 
 
 # Per-step sizes are not specialised: a new chunk shape never triggers a JIT compile
-# (only a new candidate bucket BLOCK_C does).
+# (only a new candidate bucket BLOCK_C does). Nor is the alignment of the index pointers,
+# which point into per-sequence slices of a step's tensors.
 @triton.jit(
     do_not_specialize=[
+        "pos_ptr",
+        "perm_ptr",
+        "num_ptr",
+        "idx_ptr",
         "tq",
         "c",
         "width",

@@ -70,8 +70,11 @@ def varlen_plan(mask: PBSBlockMask) -> VarlenPlan:
 # --------------------------------------------------------------------------- launches
 
 
-@triton.jit(do_not_specialize=["width", "stride_th", "stride_tq", "stride_nh", "stride_ih",
-                               "stride_iq", "stride_uh"])  # fmt: skip
+# Neither sizes nor the alignment of the index pointers (rows of the step's plan and
+# per-sequence slices) are specialised: no compile per new prompt length.
+@triton.jit(do_not_specialize=["kv_num_ptr", "kv_idx_ptr", "perm_page_ptr", "own_page_ptr",
+                               "own_len_ptr", "width", "stride_th", "stride_tq", "stride_nh",
+                               "stride_ih", "stride_iq", "stride_uh"])  # fmt: skip
 def _page_table_kernel(
     table_ptr, seqused_ptr, kv_num_ptr, kv_idx_ptr, perm_page_ptr, own_page_ptr, own_len_ptr,
     width, stride_th, stride_tq, stride_nh, stride_ih, stride_iq, stride_uh,

@@ -178,3 +178,35 @@ def test_on_the_fly_plans_check_the_inputs_first(gen, paged_kv):
     short = PagedKV(kv.key_cache, kv.value_cache, kv.block_table[:, :2])
     with pytest.raises(ValueError, match="block_table has 2 pages per sequence"):
         prefill_mask(q, short, BATCH, PARAMS, 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13])
+def test_upload_rows_start_on_16_byte_boundaries(dtype, n):
+    """A plan's packed uploads give rows that start 16-byte aligned whatever their length
+    (Triton would otherwise compile a kernel variant per alignment, i.e. per prompt length)."""
+    from pbs_vllm.kernels.paged import upload_rows
+
+    host = torch.arange(3 * n, dtype=dtype).reshape(3, n)
+    rows = upload_rows(host, "cpu")
+    assert len(rows) == 3
+    for i, row in enumerate(rows):
+        assert torch.equal(row, host[i])
+        assert row.is_contiguous() and row.data_ptr() % 16 == 0
+
+
+def test_upload_rows_rejects_other_ranks():
+    from pbs_vllm.kernels.paged import upload_rows
+
+    with pytest.raises(ValueError, match=r"2-D tensor, got shape \(4,\)"):
+        upload_rows(torch.arange(4), "cpu")
+
+
+def test_plan_index_rows_are_aligned():
+    """The query-block rows of a plan (read by the pooling and selection kernels) start on
+    16-byte boundaries for every number of query blocks."""
+    params = SparsityParams(block_size=16, segment_size=32)
+    for q_len in range(17, 17 + 16 * 6, 16):  # 2..7 query blocks
+        plan = plan_prefill(ChunkBatch([q_len], [40]), params, "cpu", 2)
+        for row in (plan.qblocks.seq, plan.qblocks.row, plan.qblocks.length, plan.qblocks.pos):
+            assert row.data_ptr() % 16 == 0, q_len
