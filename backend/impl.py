@@ -102,9 +102,63 @@ def _compile_watch():
     return _COMPILES
 
 
-def _warm_up_once(impl, dtype: torch.dtype, max_len: int, page_size: int) -> None:
+# PBS's working memory per prefill step, measured at the warm-up and allocated once in
+# vLLM's memory-profiling forward pass (see _reserve_in_profile).
+_RESERVE = {"bytes": 0, "done": False}
+
+
+def _reserve_in_profile(device: torch.device) -> None:
+    """vLLM sizes the KV cache from the peak memory of a profiling forward pass in which
+    attention does nothing (attn_metadata None); PBS's estimation and attention then find
+    only vLLM's margin free (an FA3 call once ran out of memory that way). Allocating the
+    measured working set there, once per process, makes the KV cache leave room for it."""
+    if _RESERVE["done"] or not _RESERVE["bytes"] or device.type != "cuda":
+        return
+    _RESERVE["done"] = True
+    from pbs_vllm.kernels.warmup import reserve_in_profile
+
+    mib = _RESERVE["bytes"] / 2**20
+    if reserve_in_profile(_RESERVE["bytes"], device):
+        logger.info(f"PBS: {mib:.0f} MiB of prefill working memory kept out of the KV cache")
+    else:
+        logger.warning(
+            f"PBS: could not allocate {mib:.0f} MiB of prefill working memory in "
+            "the memory profile; long prefills may run out of GPU memory"
+        )
+
+
+def _measure_working_set(impl, dtype: torch.dtype, max_len: int, page_size: int, chunk: int):
+    """Record PBS's peak working memory for the largest chunk (`chunk` queries ending at
+    key `max_len`), doubled with step graphs (a step's graph pool can outlive it while
+    the next step captures)."""
+    from pbs_vllm.kernels.warmup import working_set_bytes
+
+    try:
+        nbytes = working_set_bytes(
+            impl.num_heads,
+            impl.num_kv_heads,
+            impl.head_size,
+            dtype,
+            torch.device("cuda", torch.cuda.current_device()),
+            impl.params,
+            page_size,
+            chunk,
+            max_len,
+            attend=impl.attend,
+        )
+    except Exception as e:  # serving still works, without the reservation
+        logger.warning(f"PBS working-memory measurement failed ({type(e).__name__}: {e})")
+        return
+    nbytes *= 2 if impl.cuda_graphs else 1
+    _RESERVE["bytes"] = max(_RESERVE["bytes"], nbytes)
+
+
+def _warm_up_once(
+    impl, dtype: torch.dtype, max_len: int, page_size: int, chunk: int | None = None
+) -> None:
     """Compile and tune the PBS kernels once per process and layer shape (see
-    `pbs_vllm.kernels.warmup`); a failure is logged and leaves them to compile on first use."""
+    `pbs_vllm.kernels.warmup`), then measure their working memory for a `chunk`-token
+    chunk; a failure is logged and leaves the kernels to compile on first use."""
     key = (impl.num_heads, impl.num_kv_heads, impl.head_size, dtype, impl.params, page_size)
     if key in _WARMED_UP:
         return
@@ -134,6 +188,7 @@ def _warm_up_once(impl, dtype: torch.dtype, max_len: int, page_size: int) -> Non
         f"PBS warm-up: kernels compiled for {shape} up to {max_len} tokens in {seconds:.1f} s"
     )
     _compile_watch().arm()
+    _measure_working_set(impl, dtype, max_len, page_size, chunk or max_len)
     if impl.cuda_graphs and impl.attend.kernel == "fa3":
         _check_step_graphs(impl, dtype, page_size)
 
@@ -233,12 +288,16 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         # attend(q, kv, mask, scale, out): FA3 on Hopper, else Triton (chosen once, logged)
         kernel = config.attention_kernel
         self.attend = prefill_attention("triton" if self._on_cpu and kernel == "auto" else kernel)
-        self._warmup = None  # (max_len, page_size) to compile the kernels for at load time
+        # (max_len, page_size, chunk) to compile the kernels for at load time; chunk: the
+        # most prefill tokens of one step (the working memory is measured for it)
+        self._warmup = None
         self._longest_seen = 0  # longest prefill so far: compiles come with new lengths
         max_len = getattr(vllm_config.model_config, "max_model_len", None)
         if config.warmup and max_len and not self._on_cpu and torch.cuda.is_available():
             page_size = getattr(vllm_config.cache_config, "block_size", None) or 16
-            self._warmup = (max_len, page_size)
+            sched = getattr(vllm_config, "scheduler_config", None)
+            chunk = getattr(sched, "max_num_batched_tokens", None) or max_len
+            self._warmup = (max_len, page_size, min(chunk, max_len))
 
     def get_impl_variants(self) -> tuple:
         """vLLM 0.32: lets the stock builder find its own impl inside ours."""
@@ -267,6 +326,8 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
     ) -> torch.Tensor:
         if not isinstance(attn_metadata, PBSAttentionMetadata):
             # Profiling runs (None) and KV groups whose builder fell back to stock metadata.
+            if attn_metadata is None:
+                _reserve_in_profile(query.device)
             return self.stock.forward(
                 layer,
                 query,

@@ -108,6 +108,67 @@ def warm_up(
     return time.perf_counter() - t0
 
 
+def working_set_bytes(
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    params: SparsityParams,
+    page_size: int,
+    q_len: int,
+    n_keys: int,
+    attend=None,
+) -> int:
+    """Peak bytes that PBS allocates for one prefill chunk of `q_len` queries ending at
+    key `n_keys` (estimation and attention), beyond the query, output and KV cache it is
+    given: memory a serving process needs besides vLLM's KV cache. CUDA only.
+
+    Measured on a synthetic cache of random keys (`n_keys` capped at MAX_WARMUP_KEYS), on
+    which tau keeps most blocks: close to the largest selection, so an upper estimate.
+    Resets the device's peak-memory statistics.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"working_set_bytes measures CUDA memory, got device {device}")
+    n_keys = min(n_keys, MAX_WARMUP_KEYS)
+    q_len = max(1, min(q_len, n_keys))
+    if attend is None:
+        attend = lambda q, kv, mask, scale, out: pbs_attention(q, kv, mask, scale, out=out)  # noqa: E731
+    gen = torch.Generator(device=device).manual_seed(1)
+    n_pages = triton.cdiv(n_keys, page_size)
+    shape = (n_pages, page_size, num_kv_heads, head_dim)
+    kc = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+    vc = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+    kv = PagedKV(kc, vc, torch.arange(n_pages, dtype=torch.int32, device=device)[None])
+    q = torch.randn(q_len, num_q_heads, head_dim, dtype=dtype, device=device, generator=gen)
+    out = torch.empty_like(q)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    mask = prefill_mask(q, kv, ChunkBatch([q_len], [n_keys - q_len]), params, head_dim**-0.5)
+    attend(q, kv, mask, head_dim**-0.5, out)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del mask, q, out, kv, kc, vc
+    torch.cuda.empty_cache()
+    return max(0, peak)
+
+
+def reserve_in_profile(nbytes: int, device: torch.device | str) -> bool:
+    """Allocate and free `nbytes` on `device`, so that a memory profile taken around this
+    call (vLLM's, which sizes the KV cache from the peak of a forward pass whose attention
+    does nothing) counts them. True if the allocation succeeded."""
+    if nbytes <= 0:
+        return True
+    try:
+        block = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    except torch.OutOfMemoryError:
+        return False
+    del block
+    return True
+
+
 _KERNEL_MODULES = ("attention", "importance", "block_pool", "permute", "selection", "varlen")
 
 

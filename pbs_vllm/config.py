@@ -94,7 +94,9 @@ class PBSConfig(BaseModel):
     warmup: bool = Field(
         True,
         description="Compile and tune the PBS kernels for the model's shape at start-up (GPU), "
-        "so no request pays Triton's JIT compiles; false = compile on first use.",
+        "so no request pays Triton's JIT compiles, and measure their working memory for the "
+        "largest prefill chunk, which vLLM's memory profile keeps out of the KV cache; "
+        "false = compile on first use, no reservation.",
     )
     attention_kernel: Literal["auto", "fa3", "triton"] = Field(
         "auto",

@@ -298,3 +298,22 @@ def test_builder_plans_every_run_once_and_forward_only_launches(harness_factory,
     torch.testing.assert_close(
         step.output.double(), causal_reference(step, h.scale), atol=2e-4, rtol=1e-3
     )
+
+
+def test_profile_pass_reserves_the_working_memory_once(monkeypatch):
+    """vLLM's memory-profiling pass (attn_metadata None) allocates PBS's measured working
+    memory once per process on CUDA, never on the CPU or when nothing was measured."""
+    import pbs_vllm.backend.impl as impl
+    import pbs_vllm.kernels.warmup as warmup
+
+    calls = []
+    monkeypatch.setattr(warmup, "reserve_in_profile", lambda n, d: calls.append((n, d)) or True)
+    monkeypatch.setattr(impl, "_RESERVE", {"bytes": 0, "done": False})
+    impl._reserve_in_profile(torch.device("cuda"))  # nothing measured: nothing to reserve
+    assert calls == []
+    impl._RESERVE["bytes"] = 3 << 20
+    impl._reserve_in_profile(torch.device("cpu"))
+    assert calls == []
+    impl._reserve_in_profile(torch.device("cuda"))
+    impl._reserve_in_profile(torch.device("cuda"))
+    assert calls == [(3 << 20, torch.device("cuda"))]

@@ -86,10 +86,38 @@ def test_gpu_warm_up_leaves_nothing_to_compile_for_a_new_length():
     warm_up(14, 2, 64, torch.bfloat16, "cuda", params, 16, 8192)
     watch = CompileWatch()
     watch.arm()
-    n, q_len = 7000, 3000
+    n = 7000
     kc, vc = torch.randn(2, -(-n // 16), 16, 2, 64, device="cuda", dtype=torch.bfloat16)
     kv = PagedKV(kc, vc, torch.arange(kc.shape[0], dtype=torch.int32, device="cuda")[None])
-    q = torch.randn(q_len, 14, 64, device="cuda", dtype=torch.bfloat16)
-    pbs_prefill(q, kv, ChunkBatch([q_len], [n - q_len]), params, 0.125)
+    # 24, 23, 22 and 21 query blocks: every offset of a plan's packed index rows mod 16 B
+    for q_len in (3000, 2900, 2800, 2650):
+        q = torch.randn(q_len, 14, 64, device="cuda", dtype=torch.bfloat16)
+        pbs_prefill(q, kv, ChunkBatch([q_len], [n - q_len]), params, 0.125)
     torch.cuda.synchronize()
     assert watch.check() == {}
+
+
+def test_working_set_is_measured_on_cuda_only():
+    from pbs_vllm.kernels.warmup import working_set_bytes
+
+    with pytest.raises(ValueError, match="CUDA memory, got device cpu"):
+        working_set_bytes(4, 2, 32, torch.float32, "cpu", SparsityParams(), 16, 256, 1024)
+
+
+def test_reserve_in_profile_allocates_and_returns_the_memory():
+    from pbs_vllm.kernels.warmup import reserve_in_profile
+
+    assert reserve_in_profile(0, "cpu")
+    assert reserve_in_profile(1 << 20, "cpu")
+
+
+def test_gpu_working_set_grows_with_the_keys():
+    """PBS's working memory for one chunk is positive and grows with the keys it ends at
+    (what the backend keeps out of vLLM's KV cache)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from pbs_vllm.kernels.warmup import working_set_bytes
+
+    args = (14, 2, 64, torch.bfloat16, "cuda", SparsityParams(), 16, 4096)
+    short, long = working_set_bytes(*args, 8192), working_set_bytes(*args, 65536)
+    assert 0 < short < long
