@@ -455,27 +455,23 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         return getattr(layer, "isa", None) or getattr(self.stock, "isa", None)
 
     def _densities(self, work: list[tuple], step: StepView, name) -> list[float] | None:
-        """Densities of the step's sparse masks, read (one device sync) only when routing
-        needs them or a stats sample is due; recorded as samples. While a sample is due
-        (and the layer has a name), each mask's per-KV-head densities come in the same
-        transfer."""
+        """Densities of the step's sparse masks when routing needs them (one device sync),
+        else None. While a stats sample is due they are also recorded, with each mask's
+        per-KV-head densities when the layer has a name; a sample routing did not read
+        goes to the host without a sync (`PBSStats.defer_sample`)."""
         sparse = [mask for run, _, _, mask in work if not run.dense]
-        due = STATS.density_due()
-        if not sparse or not self.routing.needs_densities(step, due):
+        if not sparse:
             return None
-        scalars = torch.stack([mask.density_tensor() for mask in sparse])
-        per_head = due and name is not None
-        if per_head:
-            heads = [mask.density_per_head_tensor() for mask in sparse]
-            values = torch.cat([scalars, *heads]).tolist()
-        else:
-            values = scalars.tolist()
-        densities = values[: len(sparse)]
-        for d in densities:
-            STATS.record_density(d, name)
-        if per_head:
-            start = len(sparse)
-            for mask in sparse:
-                STATS.record_head_density(values[start : start + mask.num_kv_heads], name)
-                start += mask.num_kv_heads
-        return densities
+        needed, due = self.routing.needs_densities(step), STATS.density_due()
+        if not needed and not due:
+            return None
+        values = torch.stack([mask.density_tensor() for mask in sparse])
+        heads = [mask.num_kv_heads for mask in sparse] if due and name is not None else []
+        if heads:
+            values = torch.cat([values, *(mask.density_per_head_tensor() for mask in sparse)])
+        if not needed:
+            STATS.defer_sample(values, len(sparse), heads, name)
+            return None
+        host = values.tolist()
+        STATS.add_sample(host, len(sparse), heads, name)
+        return host[: len(sparse)]

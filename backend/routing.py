@@ -14,8 +14,8 @@ Two decisions per layer and step, taken by `PBSAttentionImpl.forward`:
 
 Both need the step to carry the stock metadata of all its rows (`StepView.can_switch`:
 `dense_above` set and no decodes in the step). The densities cost one host sync, so
-`needs_densities` says when they must be read: when the switch can happen, or when the
-stats want a sample anyway.
+`needs_densities` says when they must be read: only when the switch can happen (the
+stats take their samples without a sync, `backend/stats.py`).
 """
 
 from __future__ import annotations
@@ -64,9 +64,10 @@ class LayerRouting:
             return True
         return False
 
-    def needs_densities(self, step: StepView, sample_due: bool) -> bool:
-        """Whether the masks' densities must be read (a host sync) for this step."""
-        return self._can_switch(step) or sample_due
+    def needs_densities(self, step: StepView) -> bool:
+        """Whether the masks' densities must be read (a host sync) for this step: only
+        where the switch can happen (stats samples never need one)."""
+        return self._can_switch(step)
 
     def switch(self, step: StepView, densities: list[float] | None) -> bool:
         """After estimation: whether the whole step goes to the stock kernel. densities:

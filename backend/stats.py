@@ -1,17 +1,22 @@
 """Process-wide counters of the PBS prefill path, logged every `stats_log_interval_s`.
 
-The builder records each step's token split; the impl adds a mask density sample (the
-computed fraction of the causally visible key blocks, `PBSBlockMask.density()`) only while
-a log line is due (`density_due()`), so density (one host sync on GPU) is computed for one
-step per interval (every layer of it), not for every step. `STATS.snapshot()` gives the
-totals as a dict, with the mean density per layer and, from the samples taken while a log
-line was due, per (layer, KV head).
+The builder records each step's token split; the impl adds mask density samples (the
+computed fraction of the causally visible key blocks, `PBSBlockMask.density()`) while a
+log line is due (`density_due()`): one step per interval (every layer of it), not every
+step. A sample never synchronises the device for the stats' sake: unless routing read the
+densities anyway (`add_sample`), they travel to the host by an asynchronous copy
+(`defer_sample`) and are counted once the copy has landed (checked at each step's
+`maybe_log`, waited for by `snapshot`). `STATS.snapshot()` gives the totals as a dict,
+with the mean density per layer and, from the samples taken while a log line was due,
+per (layer, KV head).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+import torch
 
 from pbs_vllm import metrics
 from pbs_vllm.backend.log import get_logger
@@ -37,6 +42,8 @@ class PBSStats:
     _last_log: float = field(default_factory=time.monotonic, repr=False)
     _samples_at_log: int = field(default=0, repr=False)
     _waited: bool = field(default=False, repr=False)
+    # Deferred samples: (copy-done event or None, host values, masks, heads per mask, layer)
+    _pending: list[tuple] = field(default_factory=list, repr=False)
 
     def configure(self, log_interval_s: float) -> None:
         """Set the log interval in seconds (0 disables logging and density sampling)."""
@@ -53,6 +60,7 @@ class PBSStats:
         self._last_log = time.monotonic()
         self._samples_at_log = 0
         self._waited = False
+        self._pending = []
 
     def record_step(self, decode_tokens: int, sparse_tokens: int, dense_tokens: int) -> None:
         """Count one scheduler step's decode / sparse prefill / dense prefill tokens."""
@@ -89,6 +97,45 @@ class PBSStats:
             acc[0] += d
             acc[1] += 1
 
+    def add_sample(
+        self, values: list[float], masks: int, heads: list[int], layer: str | None
+    ) -> None:
+        """Record one layer's sample: `values` holds the densities of its `masks` sparse
+        masks, then (if `heads` lists each mask's KV-head count) their per-head densities."""
+        for d in values[:masks]:
+            self.record_density(d, layer)
+        start = masks
+        for n in heads:
+            if layer is not None:
+                self.record_head_density(values[start : start + n], layer)
+            start += n
+
+    def defer_sample(
+        self, values: torch.Tensor, masks: int, heads: list[int], layer: str | None
+    ) -> None:
+        """`add_sample` for values still on the device, without a sync: an asynchronous
+        copy to pinned host memory, counted once it has landed (CPU values: at once)."""
+        if values.device.type != "cuda":
+            self.add_sample(values.tolist(), masks, heads, layer)
+            return
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._pending.append((done, host, masks, heads, layer))
+
+    def collect(self, wait: bool = False) -> None:
+        """Count the deferred samples whose copies have landed (all of them, waiting for
+        the copies, if `wait`), in the order they were taken."""
+        while self._pending:
+            done, host, masks, heads, layer = self._pending[0]
+            if wait:
+                done.synchronize()
+            elif not done.query():
+                return
+            self._pending.pop(0)
+            self.add_sample(host.tolist(), masks, heads, layer)
+
     def mean_density(self) -> float | None:
         return self.density_sum / self.density_samples if self.density_samples else None
 
@@ -98,6 +145,7 @@ class PBSStats:
         The first step after the interval only lets the impl take density samples; the
         line follows at the next step, or at once if samples already arrived.
         """
+        self.collect()
         if not self.density_due():
             return
         if self.density_samples == self._samples_at_log and not self._waited:
@@ -120,7 +168,9 @@ class PBSStats:
         )
 
     def snapshot(self) -> dict[str, float | int | None]:
-        """The counters and mean density as a plain dict."""
+        """The counters and mean density as a plain dict (deferred samples included:
+        waits for their copies)."""
+        self.collect(wait=True)
         return {
             "steps": self.steps,
             "decode_tokens": self.decode_tokens,

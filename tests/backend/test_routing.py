@@ -12,15 +12,15 @@ WITH_DECODES = StepView(can_switch=False, longest=1000)
 
 def test_no_switch_without_dense_above():
     r = LayerRouting(dense_above=None, hold_steps=8)
-    assert not r.needs_densities(SWITCHABLE, sample_due=False)
-    assert r.needs_densities(SWITCHABLE, sample_due=True)  # a stats sample still reads them
+    assert not r.needs_densities(SWITCHABLE)  # stats samples never need a sync
     assert not r.switch(SWITCHABLE, [1.0])
     assert not r.held(SWITCHABLE)
 
 
 def test_switch_needs_every_mask_dense():
     r = LayerRouting(dense_above=0.6, hold_steps=1)
-    assert r.needs_densities(SWITCHABLE, sample_due=False)
+    assert r.needs_densities(SWITCHABLE)
+    assert not r.needs_densities(WITH_DECODES)
     assert not r.switch(SWITCHABLE, [0.9, 0.5])
     assert r.switch(SWITCHABLE, [0.9, 0.6])
     assert not r.switch(SWITCHABLE, None)  # densities not read: no switch

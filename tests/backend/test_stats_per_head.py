@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pbs_vllm.backend.stats import PBSStats
 
@@ -74,10 +75,89 @@ def test_impl_records_per_head_with_the_scalar_densities():
     finally:
         STATS.configure(saved)
         STATS.reset()
-    assert densities == pytest.approx([m.density() for m in masks])
+    assert densities is None  # routing cannot switch here: sampled, not returned
     assert snap["density_samples"] == 2
     scalars = [m.density() for m in masks]
     heads = [m.density_per_head_tensor().tolist() for m in masks]
     assert snap["density_per_layer"]["l"] == pytest.approx(sum(scalars) / 2)
     want = [(a + b) / 2 for a, b in zip(*heads)]
     assert snap["density_per_layer_head"]["l"] == pytest.approx(want)
+
+
+class _Copy:
+    """Stands in for a CUDA event of an asynchronous device-to-host copy."""
+
+    def __init__(self) -> None:
+        self.landed = False
+
+    def query(self) -> bool:
+        return self.landed
+
+    def synchronize(self) -> None:
+        self.landed = True
+
+
+def test_add_sample_splits_mask_and_head_densities():
+    stats = PBSStats()
+    stats.add_sample([0.5, 0.25, 0.4, 0.6, 0.2, 0.3], 2, [2, 2], "l")
+    snap = stats.snapshot()
+    assert snap["density_samples"] == 2 and snap["mean_density"] == pytest.approx(0.375)
+    assert snap["density_per_layer_head"]["l"] == pytest.approx([0.3, 0.45])
+    stats.add_sample([0.9], 1, [], None)  # no layer name: no per-layer entry
+    assert stats.snapshot()["density_samples"] == 3
+
+
+def test_deferred_samples_count_once_their_copy_lands():
+    """A sample routing did not read reaches the host without a sync: it is counted at the
+    first maybe_log after its copy landed, in order, and snapshot waits for the rest."""
+    stats = PBSStats()
+    first, second = _Copy(), _Copy()
+    stats._pending = [
+        (first, torch.tensor([0.2, 0.1, 0.3]), 1, [2], "a"),
+        (second, torch.tensor([0.6]), 1, [], "b"),
+    ]
+    stats.maybe_log()
+    assert stats.density_samples == 0  # nothing landed yet
+    second.landed = True
+    stats.maybe_log()
+    assert stats.density_samples == 0  # the older copy goes first
+    first.landed = True
+    stats.maybe_log()
+    assert stats.density_samples == 2 and stats.last_density == pytest.approx(0.6)
+    stats._pending = [(_Copy(), torch.tensor([0.4]), 1, [], "c")]
+    snap = stats.snapshot()  # waits
+    assert snap["density_samples"] == 3 and snap["density_per_layer"]["c"] == pytest.approx(0.4)
+
+
+def test_defer_sample_of_cpu_values_counts_at_once():
+    stats = PBSStats()
+    stats.defer_sample(torch.tensor([0.5, 0.4, 0.6]), 1, [2], "l")
+    assert stats.density_samples == 1 and not stats._pending
+    assert stats.snapshot()["density_per_layer_head"]["l"] == pytest.approx([0.4, 0.6])
+
+
+def test_impl_returns_densities_only_where_routing_switches():
+    """With a switch possible the densities are read (and recorded every step); a stats
+    sample alone returns nothing to routing."""
+    from types import SimpleNamespace
+
+    from pbs_vllm.backend.impl import PBSAttentionImpl
+    from pbs_vllm.backend.routing import LayerRouting, StepView
+    from pbs_vllm.backend.stats import STATS
+    from pbs_vllm.kernels import ChunkBatch
+    from pbs_vllm.kernels.block_mask import random_block_mask
+
+    mask = random_block_mask(ChunkBatch([40], [150]), 16, 32, 2, 0.3, "cpu", seed=3)
+    work = [(SimpleNamespace(dense=False), None, None, mask)]
+    impl = SimpleNamespace(routing=LayerRouting(dense_above=0.6))
+    saved = STATS.log_interval_s
+    try:
+        STATS.reset()
+        STATS.configure(0.0)  # no sample due
+        got = PBSAttentionImpl._densities(impl, work, StepView(True, 190), "l")
+        assert got == pytest.approx([mask.density()])
+        assert PBSAttentionImpl._densities(impl, work, StepView(False, 190), "l") is None
+        assert STATS.snapshot()["density_samples"] == 1
+    finally:
+        STATS.configure(saved)
+        STATS.reset()
