@@ -3,10 +3,11 @@ per layer, its state explicit, no vLLM or torch inside (unit-tested on its own).
 
 Two decisions per layer and step, taken by `PBSAttentionImpl.forward`:
 
-1. before estimation, `held(step)`: a recent step of this layer whose sequences were at
-   least as long came out too dense, so this one goes to the stock kernel unestimated
-   (masks get sparser with context, not denser); each held step uses up one of the
-   `dense_hold_steps` - 1 steps the switch granted;
+1. before estimation, `held(step)`: a recent step of this layer came out too dense, and
+   its density, carried to this step's length by the fall of density with context
+   (`DENSITY_FALLOFF`), still predicts a mask too dense, so this step goes to the stock
+   kernel unestimated; each held step uses up one of the `dense_hold_steps` - 1 steps the
+   switch granted;
 2. after estimation, `switch(step, densities)`: every sparse mask of the layer keeps at
    least `dense_above` of its blocks, so the stock kernel attends the whole step densely
    (faster than PBS at that density) and a hold starts; a step that could have switched
@@ -21,6 +22,12 @@ stats take their samples without a sync, `backend/stats.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# How density falls with context: d(L) ~ L ** -DENSITY_FALLOFF. Measured on
+# Qwen2.5-Coder-0.5B with code prompts at tau 0.9 (docs/benchmarks.md): 0.31-0.35 from 8K
+# to 30K, 0.43 from 64K to 127K (YaRN); random weights do not fall at all, which only
+# makes a hold end earlier than it could.
+DENSITY_FALLOFF = 0.35
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,8 @@ class LayerRouting:
     dense_above: the kept-block fraction from which a layer's step goes to the stock
     kernel (None: never). hold_steps: steps a switch covers, itself included (1: every
     step is estimated). held_steps / held_up_to: steps left on the stock kernel, and the
-    longest sequence they may have.
+    longest sequence they may have: the length at which the switching step's lowest
+    density, falling as `DENSITY_FALLOFF` says, would reach `dense_above`.
     """
 
     dense_above: float | None
@@ -76,7 +84,8 @@ class LayerRouting:
             return False
         if densities and all(d >= self.dense_above for d in densities):
             self.held_steps = self.hold_steps - 1
-            self.held_up_to = max(self.held_up_to, step.longest)
+            reach = (min(densities) / self.dense_above) ** (1.0 / DENSITY_FALLOFF)
+            self.held_up_to = max(self.held_up_to, int(step.longest * reach))
             return True
         if densities:
             self.held_steps = self.held_up_to = 0  # sparse where it could have switched

@@ -73,8 +73,10 @@ class PBSConfig(BaseModel):
         8,
         ge=1,
         description="After a dense_above switch, the layer's prefill steps without decodes "
-        "and without longer sequences stay on the stock kernel, unestimated, until this many "
-        "(the switching one included) have run; 1 = estimate every step.",
+        "stay on the stock kernel, unestimated, while their sequences are no longer than the "
+        "length at which the switch's density, falling with context, would reach "
+        "dense_above, until this many (the switching one included) have run; 1 = estimate "
+        "every step.",
     )
     scoring: Literal["mean", "antidiagonal"] = Field(
         "mean", description="Block scoring: mean pooling (PBS) or antidiagonal (PBS+)."

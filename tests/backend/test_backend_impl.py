@@ -225,17 +225,20 @@ def test_sparse_masks_below_dense_above_run_pbs(harness_factory, monkeypatch):
 
 @pytest.mark.parametrize("hold", [1, 3])
 def test_dense_switch_holds_the_layer_on_stock_for_hold_steps(harness_factory, monkeypatch, hold):
-    """After a switch the layer's next steps without decodes and without longer sequences
-    skip estimation and attend on the stock kernel until `dense_hold_steps` have run dense;
-    then it estimates again. A step with decodes, or with a longer sequence, estimates
-    regardless. Every step stays exact."""
+    """After a switch the layer's next steps without decodes skip estimation and attend on
+    the stock kernel until `dense_hold_steps` have run dense, while their sequences stay
+    within the length at which the switch's density would fall to `dense_above`
+    (`LayerRouting.held_up_to`); then it estimates again. A step with decodes, or with a
+    sequence past that length, estimates regardless. Every step stays exact."""
     calls = _count_pbs_attention(monkeypatch)
     estimated = _count_impl_calls(monkeypatch, "prefill_mask")
     h = harness_factory(
-        {**FULL_MASK, "dense_above": 0.6, "dense_fallback_len": 0, "dense_hold_steps": hold}
+        {**FULL_MASK, "dense_above": 0.95, "dense_fallback_len": 0, "dense_hold_steps": hold}
     )
-    shorter, longer = [Req(96, 60), Req(0, 70)], [Req(120, 60), Req(0, 70)]  # 156 / 180 keys
-    steps = [PREFILLS, [Req(37, 1), *PREFILLS], shorter, longer, PREFILLS, PREFILLS, PREFILLS]
+    # PREFILLS: 176 keys at full density, held up to 176 * (1 / 0.95) ** (1 / 0.35) = 203
+    shorter, within = [Req(96, 60), Req(0, 70)], [Req(130, 60), Req(0, 70)]  # 156 / 190 keys
+    beyond = [Req(160, 60), Req(0, 70)]  # 220 keys
+    steps = [PREFILLS, [Req(37, 1), *PREFILLS], shorter, within, beyond, PREFILLS, PREFILLS]
     per_step = []
     for reqs in steps:
         before = (estimated[0], calls[0])
@@ -245,12 +248,13 @@ def test_dense_switch_holds_the_layer_on_stock_for_hold_steps(harness_factory, m
             step.output.double(), causal_reference(step, h.scale), atol=2e-4, rtol=1e-3
         )
     # (estimated, ran PBS) per step: step 0 switches; the decode step always runs PBS; the
-    # longer step (180 keys > 176) estimates and switches again, restarting the hold.
+    # step past the hold's reach (220 keys > 203) estimates and switches again, restarting
+    # the hold.
     switched, with_decodes, held = (True, False), (True, True), (False, False)
     if hold == 1:
         assert per_step == [switched, with_decodes, *[switched] * 5]
     else:
-        assert per_step == [switched, with_decodes, held, switched, held, held, switched]
+        assert per_step == [switched, with_decodes, held, held, switched, held, held]
 
 
 def test_sparse_step_ends_the_dense_hold(harness_factory, monkeypatch):

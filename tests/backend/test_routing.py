@@ -36,14 +36,32 @@ def test_switch_holds_for_hold_steps_minus_one(hold):
 
 
 def test_hold_covers_only_steps_no_longer_than_the_switch():
+    """At the switch's own density (dense_above itself) no longer step is held."""
     r = LayerRouting(dense_above=0.6, hold_steps=4)
-    assert r.switch(StepView(True, 500), [0.9])
+    assert r.switch(StepView(True, 500), [0.6])
     assert not r.held(StepView(True, 501))  # longer: estimate (masks may be sparser)
     assert r.held(StepView(True, 500))
     assert not r.held(StepView(False, 100))  # decodes in the step: never held
     assert r.held(StepView(True, 10))
-    assert r.switch(StepView(True, 800), [0.9])  # a longer switch raises the bound
+    assert r.switch(StepView(True, 800), [0.6])  # a longer switch raises the bound
     assert r.held_up_to == 800 and r.held_steps == 3
+
+
+@pytest.mark.parametrize("density", [0.65, 0.8, 0.95])
+def test_hold_reaches_the_length_where_density_would_fall_to_dense_above(density):
+    """A dense switch holds longer steps (the later chunks of a long prefill) while its
+    density, falling with context as DENSITY_FALLOFF says, stays at least dense_above."""
+    from pbs_vllm.backend.routing import DENSITY_FALLOFF
+
+    r = LayerRouting(dense_above=0.6, hold_steps=8)
+    assert r.switch(StepView(True, 16384), [0.99, density])  # the lowest density counts
+    reach = 16384 * (density / 0.6) ** (1 / DENSITY_FALLOFF)
+    assert r.held_up_to == int(reach)
+    assert r.held(StepView(True, int(reach)))
+    assert not r.held(StepView(True, int(reach) + 1))
+    # random weights (density 0.9 at 16K) hold a 64K prefill's 32K and 48K chunks
+    if density >= 0.9:
+        assert r.held(StepView(True, 32768)) and r.held(StepView(True, 49152))
 
 
 def test_sparse_step_ends_the_hold():
