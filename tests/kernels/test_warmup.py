@@ -111,6 +111,7 @@ def test_reserve_in_profile_allocates_and_returns_the_memory():
     assert reserve_in_profile(1 << 20, "cpu")
 
 
+@pytest.mark.gpu
 def test_gpu_working_set_grows_with_the_keys():
     """PBS's working memory for one chunk is positive and grows with the keys it ends at
     (what the backend keeps out of vLLM's KV cache)."""
