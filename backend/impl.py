@@ -127,6 +127,13 @@ def _reserve_in_profile(device: torch.device) -> None:
         )
 
 
+def _kernel_shape(impl, dtype: torch.dtype) -> tuple:
+    """(q heads, KV heads, head dim, dtype, device, params): the leading arguments of the
+    start-up routines of `pbs_vllm.kernels.warmup` and `graphs` for this layer."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    return impl.num_heads, impl.num_kv_heads, impl.head_size, dtype, device, impl.params
+
+
 def _measure_working_set(impl, dtype: torch.dtype, max_len: int, page_size: int, chunk: int):
     """Record PBS's peak working memory for the largest chunk (`chunk` queries ending at
     key `max_len`), doubled with step graphs (a step's graph pool can outlive it while
@@ -135,22 +142,17 @@ def _measure_working_set(impl, dtype: torch.dtype, max_len: int, page_size: int,
 
     try:
         nbytes = working_set_bytes(
-            impl.num_heads,
-            impl.num_kv_heads,
-            impl.head_size,
-            dtype,
-            torch.device("cuda", torch.cuda.current_device()),
-            impl.params,
-            page_size,
-            chunk,
-            max_len,
-            attend=impl.attend,
+            *_kernel_shape(impl, dtype), page_size, chunk, max_len, attend=impl.attend
         )
     except Exception as e:  # serving still works, without the reservation
         logger.warning(f"PBS working-memory measurement failed ({type(e).__name__}: {e})")
         return
     nbytes *= 2 if impl.cuda_graphs else 1
     _RESERVE["bytes"] = max(_RESERVE["bytes"], nbytes)
+    logger.info(
+        f"PBS working memory: {nbytes / 2**20:.0f} MiB for a {chunk}-token prefill chunk "
+        f"over {max_len} keys" + (" (doubled for step graphs)" if impl.cuda_graphs else "")
+    )
 
 
 def _warm_up_once(
@@ -170,17 +172,7 @@ def _warm_up_once(
         f"{impl.attend.kernel} attention"
     )
     try:
-        seconds = warm_up(
-            impl.num_heads,
-            impl.num_kv_heads,
-            impl.head_size,
-            dtype,
-            torch.device("cuda", torch.cuda.current_device()),
-            impl.params,
-            page_size,
-            max_len,
-            attend=impl.attend,
-        )
+        seconds = warm_up(*_kernel_shape(impl, dtype), page_size, max_len, attend=impl.attend)
     except Exception as e:  # serving still works: the kernels compile on first use
         logger.warning(f"PBS warm-up for {shape} failed ({type(e).__name__}: {e}); skipped")
         return
@@ -199,16 +191,7 @@ def _check_step_graphs(impl, dtype: torch.dtype, page_size: int) -> None:
     from pbs_vllm.kernels.graphs import check_step_graphs
 
     try:
-        reason = check_step_graphs(
-            impl.num_heads,
-            impl.num_kv_heads,
-            impl.head_size,
-            dtype,
-            torch.device("cuda", torch.cuda.current_device()),
-            impl.params,
-            page_size,
-            impl.attend,
-        )
+        reason = check_step_graphs(*_kernel_shape(impl, dtype), page_size, impl.attend)
     except Exception as e:  # the eager path still serves
         reason = f"{type(e).__name__}: {e}"
     if reason is None:

@@ -48,6 +48,17 @@ def warmup_lengths(max_len: int, params: SparsityParams) -> list[int]:
     return out
 
 
+def _synthetic_cache(
+    n_keys: int, page_size: int, num_kv_heads: int, head_dim: int, dtype, device, gen
+) -> PagedKV:
+    """One sequence of `n_keys` random keys and values in pages 0.. of a fresh cache."""
+    n_pages = triton.cdiv(n_keys, page_size)
+    shape = (n_pages, page_size, num_kv_heads, head_dim)
+    kc = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+    vc = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+    return PagedKV(kc, vc, torch.arange(n_pages, dtype=torch.int32, device=device)[None])
+
+
 def warm_up(
     num_q_heads: int,
     num_kv_heads: int,
@@ -73,11 +84,7 @@ def warm_up(
     lengths = warmup_lengths(max_len, params)
     n_keys = max(lengths + [min(max_len, 16384)])
     gen = torch.Generator(device=device).manual_seed(0)
-    n_pages = triton.cdiv(n_keys, page_size)
-    shape = (n_pages, page_size, num_kv_heads, head_dim)
-    kc = torch.randn(shape, dtype=dtype, device=device, generator=gen)
-    vc = torch.randn(shape, dtype=dtype, device=device, generator=gen)
-    kv = PagedKV(kc, vc, torch.arange(n_pages, dtype=torch.int32, device=device)[None])
+    kv = _synthetic_cache(n_keys, page_size, num_kv_heads, head_dim, dtype, device, gen)
 
     def query(n: int) -> torch.Tensor:
         return torch.randn(n, num_q_heads, head_dim, dtype=dtype, device=device, generator=gen)
@@ -102,7 +109,7 @@ def warm_up(
             key_importance(q_last, kv, 0, q_pos, n_keys // 2, scale, split_len=split)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    del prefill, kc, vc, kv
+    del prefill, kv
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return time.perf_counter() - t0
@@ -136,11 +143,7 @@ def working_set_bytes(
     if attend is None:
         attend = lambda q, kv, mask, scale, out: pbs_attention(q, kv, mask, scale, out=out)  # noqa: E731
     gen = torch.Generator(device=device).manual_seed(1)
-    n_pages = triton.cdiv(n_keys, page_size)
-    shape = (n_pages, page_size, num_kv_heads, head_dim)
-    kc = torch.randn(shape, dtype=dtype, device=device, generator=gen)
-    vc = torch.randn(shape, dtype=dtype, device=device, generator=gen)
-    kv = PagedKV(kc, vc, torch.arange(n_pages, dtype=torch.int32, device=device)[None])
+    kv = _synthetic_cache(n_keys, page_size, num_kv_heads, head_dim, dtype, device, gen)
     q = torch.randn(q_len, num_q_heads, head_dim, dtype=dtype, device=device, generator=gen)
     out = torch.empty_like(q)
     torch.cuda.synchronize(device)
@@ -150,7 +153,7 @@ def working_set_bytes(
     attend(q, kv, mask, head_dim**-0.5, out)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
-    del mask, q, out, kv, kc, vc
+    del mask, q, out, kv
     torch.cuda.empty_cache()
     return max(0, peak)
 
