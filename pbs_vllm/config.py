@@ -78,18 +78,6 @@ class PBSConfig(BaseModel):
         "dense_above, until this many (the switching one included) have run; 1 = estimate "
         "every step.",
     )
-    scoring: Literal["mean", "antidiagonal"] = Field(
-        "mean", description="Block scoring: mean pooling (PBS) or antidiagonal (PBS+)."
-    )
-    antidiagonal_stride: int = Field(8, ge=1, description="Antidiagonal sampling stride (PBS+).")
-    permute: bool = Field(True, description="False = unpermuted block-sparse ablation.")
-    keep_sink: bool = Field(True, description="Always keep the block holding token 0.")
-    exact_last_block: bool = Field(
-        True,
-        description="A chunk's last query block selects by its queries' exact attention mass "
-        "per permuted block (the importance scores) instead of pooled scores; false = the "
-        "paper's pooled scores for every block.",
-    )
     stats_log_interval_s: float = Field(
         10.0, ge=0.0, description="Seconds between density log lines (0 = off)."
     )
@@ -113,7 +101,21 @@ class PBSConfig(BaseModel):
         "CUDA graphs at its first layer and replay them for the other layers, so a layer "
         "costs a few launches of host time (fa3 attention kernel only); false = launch "
         "every kernel from Python in every layer (the default: the graphs cut host time "
-        "per layer 5x but did not yet shorten TTFT, and a new prompt length stalled once).",
+        "per layer 5x but did not yet shorten TTFT, and once ran out of GPU memory).",
+    )
+
+    # Research and ablation switches (the paper's variants and ours): not needed to serve.
+    scoring: Literal["mean", "antidiagonal"] = Field(
+        "mean", description="Block scoring: mean pooling (PBS) or antidiagonal (PBS+)."
+    )
+    antidiagonal_stride: int = Field(8, ge=1, description="Antidiagonal sampling stride (PBS+).")
+    permute: bool = Field(True, description="False = unpermuted block-sparse ablation.")
+    keep_sink: bool = Field(True, description="Always keep the block holding token 0.")
+    exact_last_block: bool = Field(
+        True,
+        description="A chunk's last query block selects by its queries' exact attention mass "
+        "per permuted block (the importance scores) instead of pooled scores; false = the "
+        "paper's pooled scores for every block.",
     )
 
     @field_validator("block_size")

@@ -13,15 +13,22 @@ from pbs_vllm.config import _ALLOWED, PBSConfig
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+HEADER = "| key | default | allowed | meaning |"
+
+
 def _settings_rows() -> list[list[str]]:
-    text = README.read_text()
-    start = text.index("| key | default | allowed | meaning |")
+    """The rows of every settings table (serving settings, then research switches)."""
     rows = []
-    for line in text[start:].splitlines()[2:]:
-        if not line.startswith("| `"):
-            break
-        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    for table in README.read_text().split(HEADER)[1:]:
+        for line in table.splitlines()[2:]:
+            if not line.startswith("| `"):
+                break
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
     return rows
+
+
+def test_readme_has_the_serving_table_then_the_research_table():
+    assert README.read_text().count(HEADER) == 2
 
 
 def _readme_default(cell: str):
