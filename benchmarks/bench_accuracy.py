@@ -39,20 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import pbs_vllm.models  # noqa: E402
+from pbs_vllm.evals.retrieval import MODEL_DIR, Setting, make_llm, run_prompts  # noqa: E402
 from training.evaluate import BENCH_SEED, split_seed  # noqa: E402
 from training.retrieval_data import eval_prompts  # noqa: E402
 
-MODEL_DIR = Path(pbs_vllm.models.__file__).resolve().parent / "retrieval-llama"
 NUM_NEEDLES = 16
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One engine configuration: `pbs` None = the platform's stock backend."""
-
-    name: str
-    pbs: dict | None = None
 
 
 def default_settings() -> list[Setting]:
@@ -78,59 +69,6 @@ class Result:
     density: float | None
     seconds: float
     extra: dict = field(default_factory=dict)
-
-
-def make_llm(
-    setting: Setting,
-    max_model_len: int,
-    block: int,
-    segment: int,
-    on_gpu: bool,
-    gpu_mem: float = 0.5,
-):
-    """A vLLM engine for `setting`: sparse settings use PBS with dense_fallback_len 0."""
-    from vllm import LLM
-
-    kwargs = dict(
-        model=str(MODEL_DIR),
-        max_model_len=max_model_len,
-        enforce_eager=True,
-        seed=0,
-        dtype="bfloat16" if on_gpu else "float32",
-    )
-    if on_gpu:
-        kwargs["gpu_memory_utilization"] = gpu_mem
-    if setting.pbs is None:
-        kwargs["attention_backend"] = "FLASH_ATTN" if on_gpu else "CPU_ATTN"
-    else:
-        pbs = {
-            "block_size": block,
-            "segment_size": segment,
-            "dense_fallback_len": 0,
-            "dense_above": None,  # PBS at any density: accuracy of the masks themselves
-            "stats_log_interval_s": 1e-9,  # sample density at every layer and step
-            **setting.pbs,
-        }
-        kwargs.update(attention_backend="pbs", additional_config={"pbs": pbs})
-    return LLM(**kwargs)
-
-
-def run_prompts(llm, prompts: list[list[int]], answers: list[int]) -> tuple[float, float | None]:
-    """(exact-match accuracy, mean PBS density or None) of greedy one-token answers."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from pbs_vllm.backend.stats import STATS
-
-    STATS.reset()
-    outs = llm.generate(
-        [TokensPrompt(prompt_token_ids=p) for p in prompts],
-        SamplingParams(max_tokens=1, temperature=0.0),
-        use_tqdm=False,
-    )
-    preds = [o.outputs[0].token_ids[0] for o in outs]
-    accuracy = sum(p == a for p, a in zip(preds, answers)) / len(answers)
-    return accuracy, STATS.snapshot()["mean_density"]
 
 
 def run_setting(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.bench_accuracy import Setting, make_llm, run_prompts
+from pbs_vllm.evals.retrieval import Setting, make_llm, run_prompts
 from training.evaluate import CI_SEED, split_seed
 from training.retrieval_data import eval_prompts
 

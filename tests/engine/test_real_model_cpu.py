@@ -23,8 +23,9 @@ import pytest
 from engine_util import env, shutdown
 from server_util import free_port, stop, wait_healthy
 
-from benchmarks.bench_cpu_prefill import MODEL, passkey_messages, passkey_prompt
 from pbs_vllm.backend.stats import STATS
+from pbs_vllm.evals.passkey import CPU_MODEL as MODEL
+from pbs_vllm.evals.passkey import passkey_messages, passkey_prompt
 
 pytestmark = pytest.mark.engine
 
