@@ -347,6 +347,43 @@ def report(rows: list[dict], configs: list[str], out: Path | None) -> str:
     return table
 
 
+def plot_ttft(rows: list[dict], path: Path, title: str = "") -> bool:
+    """TTFT against prompt length per config (log-log), with the speedup over `flash`
+    beside it when flash ran; False (nothing written) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_config: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if "length" in r:
+            by_config.setdefault(r["config"], {})[r["length"]] = r["ttft_s"] * 1000
+    base = by_config.get("flash")
+    fig, axes = plt.subplots(1, 2 if base else 1, figsize=(11 if base else 6, 4), squeeze=False)
+    for i, (name, points) in enumerate(by_config.items()):
+        xs, style = sorted(points), dict(marker="o", color=f"C{i}", label=name)
+        axes[0][0].plot([x / 1024 for x in xs], [points[x] for x in xs], **style)
+        if base and name != "flash":
+            common = [x for x in xs if x in base]
+            speed = [base[x] / points[x] for x in common]
+            axes[0][1].plot([x / 1024 for x in common], speed, **style)
+    axes[0][0].set(xscale="log", yscale="log", xlabel="prompt (K tokens)", ylabel="TTFT (ms)")
+    axes[0][0].legend(fontsize=8)
+    if base:
+        axes[0][1].axhline(1.0, color="grey", lw=0.8)
+        axes[0][1].set(xscale="log", xlabel="prompt (K tokens)", ylabel="x FLASH_ATTN")
+        axes[0][1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="local model folder (config + tokenizer)")
@@ -395,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}")
     rows = run_all(args)
     print(report(rows, args.configs, args.out))
+    if args.out and plot_ttft(rows, args.out / "ttft.png"):
+        print(f"wrote {args.out / 'ttft.png'}")
 
 
 if __name__ == "__main__":
