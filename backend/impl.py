@@ -330,11 +330,7 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
             # A recent step of this layer, with sequences at least as long, was too dense.
             metrics.record_fallback("dense_held")
             return self.stock.forward(layer, query, key, value, kv_cache, m.stock_all, output)
-        graphs = self._step_graphs(m, query)
-        work = self._estimate_graphed(graphs, query, kv_cache, m) if graphs else None
-        if work is None:
-            graphs = None
-            work = self._plan_prefills(layer, query, kv_cache, m) if m.prefill_runs else []
+        work, graphs = self._estimate(layer, query, kv_cache, m)
         densities = self._densities(work, step, getattr(layer, "layer_name", None))
         if self.routing.switch(step, densities):
             # Every prefill mask of this layer keeps >= dense_above of its blocks: the stock
@@ -344,16 +340,31 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         if m.decode is not None:
             # The stock impl reads rows [0, m.decode.num_actual_tokens): the decodes.
             self.stock.forward(layer, query, key, value, kv_cache, m.decode, output)
-        if graphs is None or not self._attend_graphed(graphs, work, m, output):
-            if graphs is not None:  # the attention capture failed: estimate eagerly too
-                work = self._plan_prefills(layer, query, kv_cache, m)
-            for run, q, kv, mask in work:
-                self.attend(q, kv, mask, self.scale, output[run.rows])
+        self._attend(layer, query, kv_cache, m, work, graphs, output)
         if m.longest_prefill > self._longest_seen:
             self._longest_seen = m.longest_prefill
             if _compile_watch().armed:
                 _report_compiles(m.longest_prefill)
         return output
+
+    def _estimate(self, layer, query, kv_cache, m: PBSAttentionMetadata):
+        """(work, graphs): the prefill runs' masks, by replaying the step's estimation
+        graph where the step has one (graphs then set), else launched eagerly."""
+        graphs = self._step_graphs(m, query)
+        work = self._estimate_graphed(graphs, query, kv_cache, m) if graphs else None
+        if work is not None:
+            return work, graphs
+        return (self._plan_prefills(layer, query, kv_cache, m) if m.prefill_runs else []), None
+
+    def _attend(self, layer, query, kv_cache, m, work, graphs, output) -> None:
+        """Attend every prefill run into its rows of `output`: by graph replay where the
+        step has graphs, else (or if the attention capture failed) eagerly."""
+        if graphs is not None and self._attend_graphed(graphs, work, m, output):
+            return
+        if graphs is not None:  # the attention capture failed: estimate eagerly too
+            work = self._plan_prefills(layer, query, kv_cache, m)
+        for run, q, kv, mask in work:
+            self.attend(q, kv, mask, self.scale, output[run.rows])
 
     def _step_graphs(self, m: PBSAttentionMetadata, query: torch.Tensor) -> StepGraphs | None:
         """The step's CUDA graphs (created by its first layer), or None: the step is not
