@@ -30,6 +30,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from pbs_vllm import metrics
 from pbs_vllm.backend.compat import host_seq_lens
 from pbs_vllm.backend.log import get_logger
+from pbs_vllm.backend.routing import prefill_is_dense, step_can_switch
 from pbs_vllm.backend.stats import STATS
 from pbs_vllm.backend.stock import stock_backend
 from pbs_vllm.config import get_pbs_config
@@ -104,7 +105,9 @@ def prefill_runs(
     lens = seq_lens.tolist()
     real = [r for r in range(first_req, len(lens)) if starts[r + 1] > starts[r]]
     runs = []
-    for dense, group in itertools.groupby(real, key=lambda r: lens[r] < dense_below):
+    for dense, group in itertools.groupby(
+        real, key=lambda r: prefill_is_dense(lens[r], dense_below)
+    ):
         reqs = list(group)
         q_lens = [starts[r + 1] - starts[r] for r in reqs]
         ctx_lens = [lens[r] - q for r, q in zip(reqs, q_lens)]
@@ -243,10 +246,7 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
                 )
                 decode = self.stock.build(common_prefix_len, decode_common, fast_build)
             stock_all = None
-            if self.dense_above is not None and not num_decodes:
-                # Only without decodes: two stock builds in one step may share the stock
-                # builder's persistent buffers (FA3's scheduler metadata under full CUDA
-                # graphs), so a step never holds both.
+            if step_can_switch(self.dense_above, num_decodes):
                 stock_all = self.stock.build(common_prefix_len, common, fast_build)
             metadata = PBSAttentionMetadata(
                 num_actual_tokens=common.num_actual_tokens,

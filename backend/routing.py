@@ -1,7 +1,10 @@
-"""Which prefill steps of a layer run sparse and which go to the stock kernel: one object
-per layer, its state explicit, no vLLM or torch inside (unit-tested on its own).
+"""Which prefills run sparse and which go to the stock kernel: every such decision, no vLLM
+or torch inside (unit-tested on its own).
 
-Two decisions per layer and step, taken by `PBSAttentionImpl.forward`:
+Per request and step, in the metadata builder: `prefill_is_dense` (below
+`dense_fallback_len`: stock, unestimated) and `step_can_switch` (whether the step's layers
+may switch after estimation). Then one `LayerRouting` object per layer, its state
+explicit, takes two decisions per layer and step in `PBSAttentionImpl.forward`:
 
 1. before estimation, `held(step)`: a recent step of this layer came out too dense, and
    its density, carried to this step's length by the fall of density with context
@@ -28,6 +31,22 @@ from dataclasses import dataclass
 # to 30K, 0.43 from 64K to 127K (YaRN); random weights do not fall at all, which only
 # makes a hold end earlier than it could.
 DENSITY_FALLOFF = 0.35
+
+
+def prefill_is_dense(seq_len: int, dense_fallback_len: int) -> bool:
+    """Per request, in the metadata builder: a prefill whose sequence is shorter than
+    `dense_fallback_len` runs on the stock kernel, unestimated (below the length at which
+    PBS was measured to win, or to keep the model's answers)."""
+    return seq_len < dense_fallback_len
+
+
+def step_can_switch(dense_above: float | None, num_decodes: int) -> bool:
+    """Per step, in the metadata builder: whether its layers may switch to the stock
+    kernel after estimation, so the builder must also build stock metadata for all rows
+    (`StepView.can_switch`). Only without decodes: two stock builds in one step could
+    share the stock builder's persistent buffers (FA3's scheduler metadata under full
+    CUDA graphs)."""
+    return dense_above is not None and num_decodes == 0
 
 
 @dataclass(frozen=True)

@@ -77,3 +77,13 @@ def test_rejects_bad_settings():
         LayerRouting(dense_above=1.5)
     with pytest.raises(ValueError, match="hold_steps=0"):
         LayerRouting(dense_above=0.6, hold_steps=0)
+
+
+def test_step_rules_of_the_builder():
+    from pbs_vllm.backend.routing import prefill_is_dense, step_can_switch
+
+    assert prefill_is_dense(65535, 65536) and not prefill_is_dense(65536, 65536)
+    assert not prefill_is_dense(10, 0)  # 0: every prefill runs PBS
+    assert step_can_switch(0.6, 0)
+    assert not step_can_switch(0.6, 3)  # decodes in the step
+    assert not step_can_switch(None, 0)
