@@ -730,6 +730,11 @@ def mismatches(got: Sequence[list[int] | None], want: Sequence[list[int] | None]
     return [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a is None or a != b]
 
 
+def _progress(line: str) -> None:
+    """A progress line on stderr (the report goes to stdout at the end)."""
+    print(f"soak: {line}", file=sys.stderr, flush=True)
+
+
 def spread_indices(count: int, total: int) -> list[int]:
     """`count` indices spread evenly over `range(total)` (all of them if count >= total)."""
     if count <= 0:
@@ -864,6 +869,7 @@ def soak(
         rss += [rss_of()] if rss_of else []
         gpu += [g for g in [gpu_memory()] if g] if gpu_memory else []
         results.append(res)
+        _progress(f"round {r + 1}: {round_stats(res, str(r + 1))}")
     first = results[0].outputs
     if outputs is not None:
         outputs[:] = first
@@ -875,6 +881,7 @@ def soak(
         alone = run_round(url, [requests[i] for i in picked], 1, model=model, stream=stream)
         results.append(alone)
         seq_mm = [picked[j] for j in mismatches(alone.outputs, [first[i] for i in picked])]
+        _progress(f"one at a time: {len(seq_mm)} of {len(picked)} differ from round 1")
     labels = [str(r + 1) for r in range(rounds)] + (["alone"] if picked else [])
     return SoakReport(
         requests_sent=sum(len(r.outputs) for r in results),
@@ -1322,6 +1329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
         reference = None
         if args.reference_url:
+            _progress(f"comparing with the reference server {args.reference_url}")
             ref_url = args.reference_url.rstrip("/")
             n_lp = len(requests) if args.prompt_logprobs < 0 else args.prompt_logprobs
             reference = compare_with_reference(
@@ -1346,6 +1354,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     text = json.dumps(summary, indent=2)
     print(text)
+    _progress(
+        f"ok={summary['ok']} checks={checks} served {report.requests_served} of "
+        f"{report.requests_sent}, {len(report.errors)} errors, mismatches: rounds "
+        f"{len(report.round_mismatches)}, alone {len(report.sequential_mismatches)}, reference "
+        + ("-" if reference is None else f"{reference.first_token_mismatches} first tokens, "
+           f"{reference.logprob_mismatches} logprobs (worst {reference.worst_logprob_diff})")
+    )  # fmt: skip
     if args.json:
         Path(args.json).write_text(text + "\n")
     return 0 if summary["ok"] else 1

@@ -142,6 +142,7 @@ def test_clients_that_disconnect_mid_prefill_are_freed_and_others_untouched(serv
     [cut] = rep.disconnects
     assert cut.drain.idle and cut.drain.running == 0 and cut.drain.kv_usage == 0, cut.drain
     assert [x.finished for x in cut.leavers] == [False, False], cut.leavers
+    assert [x.chunks for x in cut.leavers] == [0, 0], cut.leavers  # no token yet: mid-prefill
     assert [x.prompt_tokens for x in cut.leavers] == [600, 600]
     assert rep.ok and got == want
 
