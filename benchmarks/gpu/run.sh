@@ -89,7 +89,7 @@ for step in "$@"; do
       --out "$RES/density" 2>&1 | tail -40
     ;;
   soak)
-    bash benchmarks/gpu/soak.sh 2>&1 | tee "$RES/soak.log" | grep "^soak:\|^ \|Successful\|TTFT\|throughput"
+    bash benchmarks/gpu/soak.sh 2>&1 | tee "$RES/soak.log"
     ;;
   llama)
     make-dummy-llama /tmp/llama8b --layers 32 --hidden 4096 --heads 32 --kv-heads 8 \
