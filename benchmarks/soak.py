@@ -626,7 +626,7 @@ async def _run_round(
                 ok = (await client.get("/health")).status_code == 200
                 running = Metrics.parse((await client.get("/metrics")).text).get(RUNNING_METRIC)
                 result.max_running = max(result.max_running, int(running))
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):  # no answer, or not Prometheus text
                 ok = False
             result.health_failures += not ok
             with contextlib.suppress(asyncio.TimeoutError):
@@ -682,7 +682,7 @@ def run_round(
             leavers,
             leave_after_s,
             seed,
-        )  # fmt: skip
+        )
     )
 
 

@@ -4,25 +4,27 @@
 # 1K-120K, 20% on one of 3 prefixes of 32K, 1-256 output tokens) and timed by `vllm bench
 # serve`, with a FLASH_ATTN server beside it on the same GPU (at most two servers at once,
 # SOAK_MEM of the GPU each). Logs and JSON in $RES/soak, packed into $OUT after every phase,
-# so a call cut short still returns what ran. Phases (SOAK_PHASES), in order; a phase is
-# skipped once too little of SOAK_BUDGET_S (counted from the step's start) is left:
+# so a call cut short still returns what ran. Phases (SOAK_PHASES), in order of importance;
+# a phase is skipped once too little of SOAK_BUDGET_S (counted from the step's start) is left
+# (at issue 18's sizes tau1 alone may take most of a 10-minute call: run the rest in a second
+# call with SOAK_PHASES="default sparse flash"):
 #   tau1     FLASH_ATTN and PBS tau=1 (every block kept, no dense fallback): soak.py against
 #            PBS with FLASH_ATTN as --reference-url (first token of every request, prompt
 #            logprobs of SOAK_LOGPROBS requests), SOAK_REQUESTS x SOAK_ROUNDS rounds with
 #            SOAK_CONCURRENCY in flight, SOAK_SEQUENTIAL replayed alone, SOAK_DISCONNECTS
 #            clients per round leaving mid-prefill of a 100K prompt, memory drift limits
 #            SOAK_RSS_DRIFT / SOAK_GPU_DRIFT MiB; then `vllm bench serve` on both servers
-#   flash    the same workload, one round, against FLASH_ATTN (prefix cache reset first):
-#            its TTFT and throughput beside tau1's round 1
 #   default  PBS with its default config: one round of SOAK_CONFIG_REQUESTS (+ disconnects),
 #            then `vllm bench serve`
 #   sparse   PBS at tau 0.9 (no dense fallback, no dense switch): the same
-# Env (default): SOAK_PHASES ("tau1 flash default sparse"), SOAK_BUDGET_S (540), SOAK_MODEL
+#   flash    tau1's workload, one round, against FLASH_ATTN (prefix cache reset first): its
+#            TTFT and throughput beside tau1's round 1
+# Env (default): SOAK_PHASES ("tau1 default sparse flash"), SOAK_BUDGET_S (540), SOAK_MODEL
 # (/tmp/qwen-hf, written by `prep`), SOAK_YARN (4: YaRN factor for the 32K-native Qwen model,
 # 0 for none), SOAK_MAX_LEN (124928), SOAK_MEM (0.4), SOAK_BATCHED (8192, max-num-batched-
 # tokens), SOAK_START_S (300, per server start), SOAK_REQUESTS (300), SOAK_ROUNDS (2),
 # SOAK_CONCURRENCY (32), SOAK_SEQUENTIAL (40), SOAK_DISCONNECTS (2), SOAK_LOGPROBS (40),
-# SOAK_CONFIG_REQUESTS (300), SOAK_RSS_DRIFT (512), SOAK_GPU_DRIFT (256), SOAK_ARGS (more
+# SOAK_CONFIG_REQUESTS (100), SOAK_RSS_DRIFT (512), SOAK_GPU_DRIFT (256), SOAK_ARGS (more
 # soak.py options, e.g. "--vocab 3,900" for make-dummy-llama's ~1000-token tokenizer),
 # SOAK_SERVE_ARGS (more `vllm serve` options, e.g. "--load-format dummy"), BENCH (1; 0 skips
 # `vllm bench serve`), BENCH_PROMPTS (100), BENCH_INPUT (16000), BENCH_OUTPUT (128),
@@ -133,7 +135,7 @@ bench() { # NAME: `vllm bench serve` (random prompts) against that server, bench
   grep -E "Successful requests|Failed requests|Mean TTFT|Median TTFT|Output token throughput" "$S/bench-$1.log"
 }
 
-for phase in ${SOAK_PHASES:-tau1 flash default sparse}; do
+for phase in ${SOAK_PHASES:-tau1 default sparse flash}; do
   case $phase in
   tau1)
     need 300 tau1 || continue
@@ -156,7 +158,7 @@ for phase in ${SOAK_PHASES:-tau1 flash default sparse}; do
     stop default
     need 180 "$phase" || continue
     serve "$phase" || continue
-    drive "$phase" "$phase" 240 --requests "${SOAK_CONFIG_REQUESTS:-300}" --rounds 1 \
+    drive "$phase" "$phase" 240 --requests "${SOAK_CONFIG_REQUESTS:-100}" --rounds 1 \
       --disconnects "${SOAK_DISCONNECTS:-2}"
     bench "$phase"
     [ -f "$S/bench-flash.json" ] || { serve flash && bench flash; }
