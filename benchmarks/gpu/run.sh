@@ -15,6 +15,10 @@
 #   ruler    RULER-style suite (SETTINGS, LENGTHS, N; RULER_OUT names the results folder,
 #            RULER_ARGS adds options, e.g. --known-densities from an earlier run)
 #   density  PBS density per layer and KV head at 8K-30K and a mask heatmap
+#   soak     issue 18's served soak (benchmarks/gpu/soak.sh, its head lists the SOAK_* env):
+#            FLASH_ATTN and PBS tau=1 served side by side (CUDA graphs, prefix caching, YaRN
+#            to 122K), soak.py with FLASH_ATTN as reference, then the default and a sparse
+#            config one round each, `vllm bench serve` on each; budgeted by SOAK_BUDGET_S
 # Llama-3.1-8B shape with dummy weights (`llama` writes the model to /tmp/llama8b first):
 #   llama       the dummy 8B model folder (config + tokenizer, no weights)
 #   tests-all   every GPU test: kernels, bounded memory, backend, engine (needs llama)
@@ -83,6 +87,9 @@ for step in "$@"; do
   density)
     python3 benchmarks/bench_density.py --model $MODEL --lengths 8k,16k,30k --prompts-per-length 4 \
       --out "$RES/density" 2>&1 | tail -40
+    ;;
+  soak)
+    bash benchmarks/gpu/soak.sh 2>&1 | tee "$RES/soak.log"
     ;;
   llama)
     make-dummy-llama /tmp/llama8b --layers 32 --hidden 4096 --heads 32 --kv-heads 8 \
