@@ -1,6 +1,11 @@
 """The trained retrieval model (`pbs_vllm/models/retrieval-llama`) on vLLM: an engine per
 setting and greedy one-token answers (`benchmarks/bench_accuracy.py` and the CPU accuracy
 test). vLLM is imported inside the functions.
+
+Importing this module sets up the environment for an in-process engine
+(`pbs_vllm.evals.engine.setup_environment`: the backend's stats must be readable here, and
+without CUDA vLLM's CPU platform with PBS and the Triton interpreter); import it before
+vLLM builds its platform.
 """
 
 from __future__ import annotations
@@ -9,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pbs_vllm.models
+from pbs_vllm.evals.engine import setup_environment
+
+setup_environment()
 
 MODEL_DIR = Path(pbs_vllm.models.__file__).resolve().parent / "retrieval-llama"
 
