@@ -173,7 +173,7 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
             from pbs_vllm.backend.prefill_kernel import prefill_attention
 
             self.attend = prefill_attention(config.attention_kernel)
-        self.cuda_graphs = config.cuda_graphs and self.route == "fa3"
+        self.cuda_graphs = config.cuda_graphs and self._route == "fa3"
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         self.page_size = kv_cache_spec.block_size
         self.tiles = None  # the Triton kernel's (GQA group, rows per tile) of the layers
@@ -195,7 +195,7 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
             )
 
     @property
-    def route(self) -> str:
+    def _route(self) -> str:
         """The prefill attention's route now: 'fa3' or 'triton' (the CPU's)."""
         return "triton" if self.attend is None else self.attend.kernel
 
@@ -273,7 +273,7 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
         step's PBS work can be captured as CUDA graphs (every run sparse with a permuted
         region: a dense mask attends straight from one layer's cache, which a graph cannot
         replay elsewhere)."""
-        route = self.route
+        route = self._route
         for run in runs:
             # The FA3 route's tail rows are composed with the run's block table here too.
             pages = dict(block_table=block_table[run.reqs], page_size=self.page_size)

@@ -50,7 +50,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST_DIR = REPO / "tests" / "data" / "vllm_api"
 SCAN_DIRS = ("backend", "pbs_vllm")
-SKIP_PARTS = {"kernels", "tests", "__pycache__"}
+# kernels/ imports no vLLM; evals/ holds benchmark and test helpers that drive vLLM's
+# public offline API (LLM, SamplingParams), not the plugin's integration with vLLM.
+SKIP_PARTS = {"kernels", "tests", "evals", "__pycache__"}
 STOCK_NAMES = ("FLASH_ATTN", "CPU_ATTN")  # stock.stock_backend(): CUDA, CPU
 REGISTRY = "vllm.v1.attention.backends.registry:AttentionBackendEnum"
 ATTN = "vllm.v1.attention.backend"
