@@ -155,9 +155,7 @@ def _measure_working_set(impl, dtype: torch.dtype, max_len: int, page_size: int,
     )
 
 
-def _warm_up_once(
-    impl, dtype: torch.dtype, max_len: int, page_size: int, chunk: int | None = None
-) -> None:
+def _warm_up_once(impl, dtype: torch.dtype, max_len: int, page_size: int, chunk: int) -> None:
     """Compile and tune the PBS kernels once per process and layer shape (see
     `pbs_vllm.kernels.warmup`), then measure their working memory for a `chunk`-token
     chunk; a failure is logged and leaves the kernels to compile on first use."""
@@ -180,7 +178,7 @@ def _warm_up_once(
         f"PBS warm-up: kernels compiled for {shape} up to {max_len} tokens in {seconds:.1f} s"
     )
     _compile_watch().arm()
-    _measure_working_set(impl, dtype, max_len, page_size, chunk or max_len)
+    _measure_working_set(impl, dtype, max_len, page_size, chunk)
     if impl.cuda_graphs and impl.attend.kernel == "fa3":
         _check_step_graphs(impl, dtype, page_size)
 
@@ -359,10 +357,10 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
     def _attend(self, layer, query, kv_cache, m, work, graphs, output) -> None:
         """Attend every prefill run into its rows of `output`: by graph replay where the
         step has graphs, else (or if the attention capture failed) eagerly."""
-        if graphs is not None and self._attend_graphed(graphs, work, m, output):
-            return
-        if graphs is not None:  # the attention capture failed: estimate eagerly too
-            work = self._plan_prefills(layer, query, kv_cache, m)
+        if graphs is not None:
+            if self._attend_graphed(graphs, work, m, output):
+                return
+            work = self._plan_prefills(layer, query, kv_cache, m)  # capture failed: re-estimate
         for run, q, kv, mask in work:
             self.attend(q, kv, mask, self.scale, output[run.rows])
 

@@ -1129,14 +1129,18 @@ def verdict(
 # ----------------------------------------------------------------------------- CLI
 
 
+def _split_pair(text: str, cast, expected: str) -> tuple:
+    """`LOW,HIGH` as two values of `cast`; an argparse error saying `expected` otherwise."""
+    try:
+        lo, hi = (cast(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LOW,HIGH ({expected})") from None
+    return lo, hi
+
+
 def int_pair(text: str) -> tuple[int, int]:
     """argparse type of `LOW,HIGH` (two integers, LOW <= HIGH)."""
-    try:
-        lo, hi = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected LOW,HIGH (two integers with LOW <= HIGH, e.g. 1000,30000)"
-        ) from None
+    lo, hi = _split_pair(text, int, "two integers with LOW <= HIGH, e.g. 1000,30000")
     if lo > hi:
         raise argparse.ArgumentTypeError(f"{text!r}: LOW {lo} is above HIGH {hi}")
     return lo, hi
@@ -1144,12 +1148,7 @@ def int_pair(text: str) -> tuple[int, int]:
 
 def float_pair(text: str) -> tuple[float, float]:
     """argparse type of `LOW,HIGH` seconds (0 <= LOW <= HIGH)."""
-    try:
-        lo, hi = (float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected LOW,HIGH (two numbers with 0 <= LOW <= HIGH, e.g. 0.5,2)"
-        ) from None
+    lo, hi = _split_pair(text, float, "two numbers with 0 <= LOW <= HIGH, e.g. 0.5,2")
     if not 0 <= lo <= hi:
         raise argparse.ArgumentTypeError(f"{text!r}: must satisfy 0 <= LOW <= HIGH")
     return lo, hi

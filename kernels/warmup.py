@@ -48,6 +48,11 @@ def warmup_lengths(max_len: int, params: SparsityParams) -> list[int]:
     return out
 
 
+def _triton_attend(q, kv, mask, scale, out) -> None:
+    """The default `attend` of the start-up routines: the portable Triton kernel."""
+    pbs_attention(q, kv, mask, scale, out=out)
+
+
 def _synthetic_cache(
     n_keys: int, page_size: int, num_kv_heads: int, head_dim: int, dtype, device, gen
 ) -> PagedKV:
@@ -89,8 +94,7 @@ def warm_up(
     def query(n: int) -> torch.Tensor:
         return torch.randn(n, num_q_heads, head_dim, dtype=dtype, device=device, generator=gen)
 
-    if attend is None:
-        attend = lambda q, kv, mask, scale, out: pbs_attention(q, kv, mask, scale, out=out)  # noqa: E731
+    attend = _triton_attend if attend is None else attend
 
     def prefill(q_len: int, n: int, cache: PagedKV = kv) -> None:
         q = query(q_len)
@@ -140,8 +144,7 @@ def working_set_bytes(
         raise ValueError(f"working_set_bytes measures CUDA memory, got device {device}")
     n_keys = min(n_keys, MAX_WARMUP_KEYS)
     q_len = max(1, min(q_len, n_keys))
-    if attend is None:
-        attend = lambda q, kv, mask, scale, out: pbs_attention(q, kv, mask, scale, out=out)  # noqa: E731
+    attend = _triton_attend if attend is None else attend
     gen = torch.Generator(device=device).manual_seed(1)
     kv = _synthetic_cache(n_keys, page_size, num_kv_heads, head_dim, dtype, device, gen)
     q = torch.randn(q_len, num_q_heads, head_dim, dtype=dtype, device=device, generator=gen)
