@@ -148,9 +148,10 @@ def run_length(llm, setting: compare.Setting, length: int, samples: list[ruler.S
 
 
 class Run:
-    """Everything measured so far, written out after every length."""
+    """Everything measured so far, written out after every length (OUT/state.json holds it
+    whole, so `--resume` can go on from it in a later process)."""
 
-    def __init__(self, out: Path, meta: dict) -> None:
+    def __init__(self, out: Path, meta: dict, resume: bool = False) -> None:
         self.out = out
         self.meta = meta
         self.records: list[dict] = []
@@ -159,6 +160,13 @@ class Run:
         self.extra: dict[tuple[str, int], dict] = {}
         out.mkdir(parents=True, exist_ok=True)
         (out / "outputs.jsonl").write_text("")
+        if resume and (out / "state.json").is_file():
+            self.merge(json.loads((out / "state.json").read_text()))
+
+    def done(self, name: str, lengths: list[int]) -> bool:
+        """Whether every length of setting `name` already has results (or an error)."""
+        have = {(r["setting"], int(r["length"])) for r in self.records} | set(self.errors)
+        return all((name, n) in have for n in lengths)
 
     def add(self, records: list[dict]) -> None:
         self.records += records
@@ -192,6 +200,7 @@ class Run:
         return compare.markdown_table(self.results())
 
     def write(self) -> str:
+        (self.out / "state.json").write_text(json.dumps(self.state()))
         table = self.table()
         title = self.meta["title"]
         (self.out / "ruler.md").write_text(f"{title}\n\n{table}\n")
@@ -342,6 +351,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run every engine in this process (default: one child process per setting, "
         "so each engine's GPU memory is returned when it ends)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the results already in OUT (its state.json) and run only the settings "
+        "that have none at some length; the tables then hold both, agreement included",
+    )
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--known-densities", default="[]", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -403,11 +418,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for n in args.settings
         },
     }
-    run = Run(args.out / "child" / args.settings[0] if args.child else args.out, meta)
+    if args.child:
+        run = Run(args.out / "child" / args.settings[0], meta)
+    else:
+        run = Run(args.out, meta, resume=args.resume)
     for name, n, d in json.loads(args.known_densities):
         run.densities[(name, n)] = d
     for name in args.settings:
         setting = compare.SETTINGS[name]
+        if args.child is None and args.resume and run.done(name, args.lengths):
+            log(f"{name}: results already in {args.out} (--resume), not run again")
+            continue
         t0 = time.perf_counter()
         try:
             if args.child is None and not args.in_process:

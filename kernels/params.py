@@ -28,6 +28,9 @@ class SparsityParams:
     exact_last_block: the query block holding a chunk's last query selects by its queries'
         exact attention mass per permuted key block (the key importance the permutation is
         built from) instead of pooled scores; needs permute.
+    dense_last_tokens: the query blocks holding a chunk's last this many queries keep every
+        candidate block (whatever tau and max_kept_fraction say), so the end of a prompt,
+        where the question and the first answer token sit, attends exactly; 0 = off.
     """
 
     block_size: int = 128
@@ -39,6 +42,13 @@ class SparsityParams:
     antidiagonal_stride: int = 8
     keep_sink: bool = True
     exact_last_block: bool = True
+    dense_last_tokens: int = 0
+
+    @property
+    def dense_last_blocks(self) -> int:
+        """Query blocks at the end of each chunk that keep every candidate (dense_last_tokens
+        rounded up to whole blocks)."""
+        return -(-self.dense_last_tokens // self.block_size)
 
     def __post_init__(self) -> None:
         b, s = self.block_size, self.segment_size
@@ -54,6 +64,8 @@ class SparsityParams:
             )
         if self.scoring not in ("mean", "antidiagonal"):
             raise ValueError(f"scoring={self.scoring!r}: must be 'mean' or 'antidiagonal'")
+        if self.dense_last_tokens < 0:
+            raise ValueError(f"dense_last_tokens={self.dense_last_tokens}: must be >= 0")
         st = self.antidiagonal_stride
         if st < 1 or b % st:
             raise ValueError(f"antidiagonal_stride={st}: must divide block_size={b}")

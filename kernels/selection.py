@@ -72,6 +72,10 @@ def select_blocks(
     if params.max_kept_fraction is not None:
         cap = kept_cap(n, params.max_kept_fraction)
         n_keep = torch.minimum(n_keep, cap)
+    last = params.dense_last_blocks
+    if last:
+        full = torch.arange(p.shape[1], device=p.device) >= p.shape[1] - last
+        n_keep = torch.where(full[None, :], n.expand(p.shape[:2]), n_keep)
     rank = torch.arange(c, device=p.device)
     if params.keep_sink:
         # the sink replaces the last kept block when it falls outside the prefix at the cap
@@ -106,6 +110,7 @@ def select_blocks(
         "stride_it",
         "tau",
         "max_kept_fraction",
+        "dense_from",
     ]
 )
 def _select_kernel(
@@ -125,6 +130,7 @@ def _select_kernel(
     scale,
     tau,
     max_kept_fraction,
+    dense_from,  # query blocks t >= dense_from keep every candidate (dense_last_tokens)
     GROUP: tl.constexpr,
     SEG: tl.constexpr,
     BS: tl.constexpr,
@@ -172,6 +178,7 @@ def _select_kernel(
     if CAP:
         cap = tl.maximum(tl.ceil(n.to(tl.float64) * max_kept_fraction - 1e-9).to(tl.int32), 1)
         n_keep = tl.minimum(n_keep, cap)
+    n_keep = tl.where(t >= dense_from, n, n_keep)
     if KEEP_SINK:
         seg = tl.arange(0, BLOCK_SEG)
         perm0 = tl.load(perm_ptr + h * stride_perm + seg, mask=seg < SEG, other=-1)
@@ -205,7 +212,8 @@ def select_into(
     original token 0), exact [Hkv, C] or None (the last query block's row of p, up to a
     positive factor per head: it is normalised to sum 1 here).
     kv_num_blocks [Hkv, Tq] and kv_indices [Hkv, Tq, W] (unit inner strides) receive the
-    counts and the first min(W, C) ascending ids (padding C) as `select_blocks` gives them.
+    counts and the first min(W, C) ascending ids (padding C) as `select_blocks` gives them
+    (the last params.dense_last_blocks query blocks keep every candidate).
     """
     hkv, rows, c = logits.shape
     tq = pos.numel()
@@ -231,6 +239,7 @@ def select_into(
         scale,
         params.tau,
         params.max_kept_fraction or 1.0,
+        max(tq - params.dense_last_blocks, 0),
         GROUP=rows // tq,
         SEG=ss,
         BS=bs,

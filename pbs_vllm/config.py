@@ -69,6 +69,13 @@ class PBSConfig(BaseModel):
         description="A layer whose PBS masks keep at least this fraction of blocks runs the "
         "step's prefill on the stock kernel (none = never).",
     )
+    dense_last_tokens: int = Field(
+        0,
+        ge=0,
+        description="The last this many query tokens of every PBS prefill chunk (rounded up to "
+        "whole blocks) attend every key, whatever tau says: the end of a prompt, where the "
+        "question and the first answer token usually sit, stays exact (0 = off).",
+    )
     dense_hold_steps: int = Field(
         8,
         ge=1,
@@ -153,6 +160,7 @@ class PBSConfig(BaseModel):
             antidiagonal_stride=self.antidiagonal_stride,
             keep_sink=self.keep_sink,
             exact_last_block=self.exact_last_block,
+            dense_last_tokens=self.dense_last_tokens,
         )
 
     @classmethod
@@ -188,6 +196,7 @@ _ALLOWED = {
     "max_kept_fraction": "a number in (0, 1], or null for no cap",
     "dense_fallback_len": "an integer >= 0",
     "dense_above": "a number in (0, 1], or null to never switch",
+    "dense_last_tokens": "an integer >= 0",
     "dense_hold_steps": "an integer >= 1",
     "scoring": "'mean' or 'antidiagonal'",
     "antidiagonal_stride": "an integer >= 1 dividing block_size",

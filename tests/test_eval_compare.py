@@ -31,6 +31,10 @@ def test_required_settings_exist():
     assert all(SETTINGS[n].backend == "pbs" for n in REQUIRED[1:])
     with pytest.raises(TypeError):
         SETTINGS["pbs-sparse"].pbs["tau"] = 0.5  # read-only overrides
+    for name in SETTINGS:  # every setting is a valid configuration
+        cfg = compare.setting_config(name, 8192, {(SETTINGS[name].match_density_of, 8192): 0.3})
+        if cfg is not None:
+            PBSConfig.load({"pbs": cfg}, env={})
     hash(SETTINGS["pbs-sparse"])  # frozen and hashable
 
 
@@ -86,6 +90,28 @@ def test_setting_config_each_setting():
     # The returned dict is a copy: changing it leaves the setting alone.
     cfg["pbs-sparse"]["tau"] = 0.1
     assert SETTINGS["pbs-sparse"].pbs["tau"] == 0.9
+
+
+def test_dense_last_settings_match_their_own_density():
+    cfg = compare.setting_config(
+        "unpermuted-last1k-matched", 8192, {("pbs-last1k", 8192): 0.4, ("pbs-sparse", 8192): 0.2}
+    )
+    assert cfg == {
+        "tau": 1.0,
+        "permute": False,
+        "dense_last_tokens": 1024,
+        "max_kept_fraction": 0.4,
+        **NEVER_DENSE,
+    }
+    assert compare.parse_settings("unpermuted-last1k-matched") == [
+        "pbs-last1k",
+        "unpermuted-last1k-matched",
+    ]
+    assert compare.setting_config("pbs-last128", 8192) == {
+        "tau": 0.9,
+        "dense_last_tokens": 128,
+        **NEVER_DENSE,
+    }
 
 
 def test_setting_config_matched_density():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runner: `bash benchmarks/gpu/run.sh STEP [STEP ...]` on the GPU host (vLLM staged in
 # /tmp/site, see ../shared/gpu/README.md); results in /tmp/results, packed into $OUT per step.
-#   tests    the GPU tests of the kernels (FA3 path, Triton kernel, estimation)
+#   tests    the GPU tests of the kernels (FA3 path, Triton kernel, estimation; TESTS picks files)
 #   kernels  bench_kernels.py at the Qwen2.5-0.5B shape (14 q / 2 KV heads, d 64) and the
 #            Llama-3.1-8B shape (32 / 8, d 128): FA3 dense, PBS through FA3 and Triton, cuDNN
 #   graphs   the step-graph GPU tests, then bench_layers.py: one step's PBS work over 24
@@ -39,7 +39,7 @@ gguf() {
 for step in "$@"; do
   case "$step" in
   tests)
-    python3 -m pytest -m gpu tests/kernels -q --timeout 600 -rs 2>&1 | tee "$RES/gpu-kernel-tests.log" | tail -12
+    python3 -m pytest -m gpu ${TESTS:-tests/kernels} -q --timeout 600 -rs 2>&1 | tee "$RES/gpu-kernel-tests.log" | tail -12
     ;;
   kernels)
     for shape in qwen llama; do

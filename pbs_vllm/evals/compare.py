@@ -75,6 +75,23 @@ SETTINGS: dict[str, Setting] = {
             {**_SPARSE, "scoring": "antidiagonal"},
             description="pbs-sparse with antidiagonal scoring (PBS+)",
         ),
+        *(
+            Setting(
+                f"pbs-last{label}",
+                "pbs",
+                {**_SPARSE, "dense_last_tokens": n},
+                description=f"pbs-sparse, each chunk's last {n} query tokens dense",
+            )
+            for label, n in (("128", 128), ("1k", 1024), ("4k", 4096))
+        ),
+        Setting(
+            "unpermuted-last1k-matched",
+            "pbs",
+            {**_SPARSE, "tau": 1.0, "permute": False, "dense_last_tokens": 1024},
+            match_density_of="pbs-last1k",
+            description="unpermuted block-sparse with the last 1024 query tokens dense, capped "
+            "at pbs-last1k's measured density",
+        ),
         Setting(
             "unpermuted-matched",
             "pbs",

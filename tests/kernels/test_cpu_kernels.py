@@ -78,8 +78,25 @@ B16_S32 = dict(block_size=16, segment_size=32)
             "k_transposed",
             torch.float32,
         ),
+        (
+            SparsityParams(**B16_S32, tau=0.5, max_kept_fraction=0.2, dense_last_tokens=17),
+            7,
+            64,
+            16,
+            "head_major",
+            torch.float32,
+        ),
     ],
-    ids=["g1-d128", "g4", "g7-no_sink", "kept_cap-s64", "fp16-pooled", "unpermuted", "pbs+"],
+    ids=[
+        "g1-d128",
+        "g4",
+        "g7-no_sink",
+        "kept_cap-s64",
+        "fp16-pooled",
+        "unpermuted",
+        "pbs+",
+        "dense_last_tokens",
+    ],
 )
 def test_mask_equals_triton(
     gen, paged_kv, monkeypatch, params, group, head_dim, page_size, layout, dtype

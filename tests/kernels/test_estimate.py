@@ -128,6 +128,7 @@ B16_S32 = dict(block_size=16, segment_size=32)
         (SparsityParams(block_size=16, segment_size=64, tau=0.9, max_kept_fraction=0.3), 4, 128),
         (SparsityParams(**B16_S32, tau=0.6, keep_sink=False), 7, 64),
         (SparsityParams(**B16_S32, tau=0.5, permute=False), 1, 64),
+        (SparsityParams(**B16_S32, tau=0.5, max_kept_fraction=0.2, dense_last_tokens=20), 4, 64),
         (SparsityParams(**B16_S32, tau=0.7, scoring="antidiagonal", antidiagonal_stride=4), 4, 64),
         (
             SparsityParams(**B16_S32, tau=0.95, scoring="antidiagonal", antidiagonal_stride=16),
@@ -143,6 +144,7 @@ B16_S32 = dict(block_size=16, segment_size=32)
         "kept_cap",
         "no_sink",
         "unpermuted",
+        "dense_last_tokens",
         "antidiagonal",
         "antidiagonal_full_stride",
     ],
@@ -183,6 +185,27 @@ def test_tau_one_selects_every_candidate(gen, paged_kv):
     mask = build_block_mask(q, kv, BATCH, SparsityParams(16, 32, tau=1.0), 0.125)
     for per_head in selections(mask):
         assert per_head == [list(range(candidates(mask, k))) for k in range(len(mask.qblocks))]
+
+
+@pytest.mark.parametrize("dense_last_tokens", [1, 16, 17])
+def test_dense_last_tokens_keep_every_candidate(gen, paged_kv, dense_last_tokens):
+    """The query blocks holding each sequence's last dense_last_tokens queries keep every
+    candidate (even under a cap); the others are selected as without the option."""
+    q, kv = make_inputs(gen, paged_kv, BATCH, 2, 4, 64, 16, spread=0.5)
+    base = SparsityParams(16, 32, tau=0.5, max_kept_fraction=0.25)
+    params = SparsityParams(
+        16, 32, tau=0.5, max_kept_fraction=0.25, dense_last_tokens=dense_last_tokens
+    )
+    mask = build_block_mask(q, kv, BATCH, params, 0.125)
+    plain = build_block_mask(q, kv, BATCH, base, 0.125)
+    n_last = -(-dense_last_tokens // 16)
+    seq = mask.qblocks.seq.cpu()
+    for k in range(len(mask.qblocks)):
+        if int((seq[k + 1 :] == seq[k]).sum()) < n_last:  # one of its sequence's last n_last
+            assert (mask.kv_num_blocks[:, k] == candidates(mask, k)).all(), k
+        else:
+            assert torch.equal(mask.kv_num_blocks[:, k], plain.kv_num_blocks[:, k]), k
+    assert mask.sparsity() < plain.sparsity()
 
 
 @pytest.mark.parametrize("max_kept_fraction", [0.1, 0.25, 0.5])

@@ -40,6 +40,8 @@ _P = dict(block_size=BS, segment_size=SS)
         (7, True, SparsityParams(**_P, tau=1.0)),
         (1, False, SparsityParams(**_P, tau=0.95, max_kept_fraction=0.3)),
         (7, True, SparsityParams(**_P, tau=1.0, max_kept_fraction=0.1)),
+        (4, False, SparsityParams(**_P, tau=0.5, dense_last_tokens=2 * BS + 1)),
+        (1, True, SparsityParams(**_P, tau=0.9, max_kept_fraction=0.2, dense_last_tokens=1)),
     ],
     ids=[
         "g7-tau0.9",
@@ -48,6 +50,8 @@ _P = dict(block_size=BS, segment_size=SS)
         "g7-ties-tau1",
         "g1-cap0.3",
         "g7-ties-cap0.1",
+        "g4-dense-last-3-blocks",
+        "g1-ties-cap0.2-dense-last-block",
     ],
 )
 def test_fused_selection_matches_reference(gen, device, group, params, ties):
