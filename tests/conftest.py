@@ -4,7 +4,8 @@ Without CUDA, vLLM must run on the PBS CPU platform (`PBS_VLLM_CPU_PLATFORM=1`) 
 kernels in the interpreter (`TRITON_INTERPRET=1`); vLLM resolves its platform once per
 process, so this cannot wait for a module-level conftest. VLLM_TARGET_DEVICE must stay
 unset: `cpu` there makes vLLM skip platform plugins. The repository root goes on
-sys.path for the `training` and `benchmarks` folders, which are not installed.
+sys.path for the `training` folder, which is not installed (tests never import the
+benchmark scripts; their shared helpers live in `pbs_vllm`).
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
-"""Reliability tests: a module-scoped vLLM server on 127.0.0.1 (from `benchmarks/soak.py`),
-whose log tail is attached to the report of any test of that module that fails.
-(`benchmarks` is importable through tests/conftest.py; the servers get TRITON_INTERPRET
-from `start_server`.)
+"""Reliability tests: a module-scoped vLLM server on 127.0.0.1 (`start_server` of
+`pbs_vllm.evals.soak`, which gives it TRITON_INTERPRET), whose log tail is attached to the
+report of any test of that module that fails.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.soak import Server, start_server
+from pbs_vllm.evals.soak import Server, start_server
 
 LOG_TAIL_CHARS = 6000
 

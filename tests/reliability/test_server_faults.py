@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from benchmarks.soak import (
+from pbs_vllm.evals.soak import (
     MODEL_NAME,
     SOAK_PBS,
     VOCAB,

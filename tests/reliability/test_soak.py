@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 
-from benchmarks.soak import (
+from pbs_vllm.evals.soak import (
     MODEL_NAME,
     SOAK_PBS,
     SoakReport,

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from benchmarks.soak import (
+from pbs_vllm.evals.soak import (
     PROFILES,
     DisconnectRound,
     Drain,
