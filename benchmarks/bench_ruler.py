@@ -31,6 +31,7 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +152,9 @@ class Run:
     """Everything measured so far, written out after every length (OUT/state.json holds it
     whole, so `--resume` can go on from it in a later process)."""
 
-    def __init__(self, out: Path, meta: dict, resume: bool = False) -> None:
+    def __init__(
+        self, out: Path, meta: dict, resume: bool = False, merge_from: Sequence[Path] = ()
+    ) -> None:
         self.out = out
         self.meta = meta
         self.records: list[dict] = []
@@ -162,6 +165,11 @@ class Run:
         (out / "outputs.jsonl").write_text("")
         if resume and (out / "state.json").is_file():
             self.merge(json.loads((out / "state.json").read_text()))
+        for other in merge_from:  # runs of other settings on the same prompts
+            if (other / "state.json").is_file():
+                self.merge(json.loads((other / "state.json").read_text()))
+            else:
+                log(f"--merge-from {other}: no state.json there (that run failed early)")
 
     def done(self, name: str, lengths: list[int]) -> bool:
         """Whether every length of setting `name` already has results (or an error)."""
@@ -357,6 +365,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep the results already in OUT (its state.json) and run only the settings "
         "that have none at some length; the tables then hold both, agreement included",
     )
+    p.add_argument(
+        "--merge-from",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also take the results of another run's OUT (its state.json; same prompts: "
+        "same tokenizer, lengths, --num-prompts and --seed), e.g. settings run in parallel "
+        "processes; settings that have results there are not run again",
+    )
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--known-densities", default="[]", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -421,13 +439,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.child:
         run = Run(args.out / "child" / args.settings[0], meta)
     else:
-        run = Run(args.out, meta, resume=args.resume)
+        run = Run(args.out, meta, resume=args.resume, merge_from=args.merge_from)
     for name, n, d in json.loads(args.known_densities):
         run.densities[(name, n)] = d
     for name in args.settings:
         setting = compare.SETTINGS[name]
-        if args.child is None and args.resume and run.done(name, args.lengths):
-            log(f"{name}: results already in {args.out} (--resume), not run again")
+        if args.child is None and (args.resume or args.merge_from) and run.done(name, args.lengths):
+            log(f"{name}: results already there (--resume / --merge-from), not run again")
             continue
         t0 = time.perf_counter()
         try:

@@ -14,6 +14,9 @@
 #   yarn     TTFT 64K-127K with YaRN x4 (the first rep shows whether the warm-up worked)
 #   ruler    RULER-style suite (SETTINGS, LENGTHS, N; RULER_OUT names the results folder,
 #            RULER_ARGS adds options, e.g. --known-densities from an earlier run)
+#   ruler-par  the same, SETTINGS split into groups by ';' (e.g. "flash;pbs-last1k,unpermuted-last1k-matched")
+#            run as parallel processes sharing the GPU (RULER_UTIL each, default 0.25), then
+#            merged into one table in RULER_OUT (agreement included)
 #   density  PBS density per layer and KV head at 8K-30K and a mask heatmap
 #   soak     issue 18's served soak (benchmarks/gpu/soak.sh, its head lists the SOAK_* env):
 #            FLASH_ATTN and PBS tau=1 served side by side (CUDA graphs, prefix caching, YaRN
@@ -83,6 +86,21 @@ for step in "$@"; do
     python3 benchmarks/bench_ruler.py --model $MODEL --lengths ${LENGTHS:-8k,16k,32k} --num-prompts ${N:-30} \
       --settings ${SETTINGS:-flash,pbs-sparse,unpermuted-matched} ${RULER_ARGS:-} \
       --out "$RES/${RULER_OUT:-ruler}" 2>&1 | tee "$RES/${RULER_OUT:-ruler}.log" | tail -30
+    ;;
+  ruler-par)
+    out="$RES/${RULER_OUT:-ruler}"; i=0; merge=()
+    IFS=';' read -ra groups <<<"${SETTINGS:?SETTINGS: groups of settings separated by ;}"
+    for g in "${groups[@]}"; do
+      i=$((i + 1)); merge+=(--merge-from "$out-g$i")
+      python3 benchmarks/bench_ruler.py --model $MODEL --lengths ${LENGTHS:-8k,16k,32k} --num-prompts ${N:-30} \
+        --settings "$g" --gpu-memory-utilization ${RULER_UTIL:-0.25} ${RULER_ARGS:-} --out "$out-g$i" \
+        >"$out-g$i.log" 2>&1 &
+      sleep 20  # engines profile GPU memory at start-up: let each see the others' share
+    done
+    wait
+    tail -4 "$out"-g*.log
+    python3 benchmarks/bench_ruler.py --model $MODEL --lengths ${LENGTHS:-8k,16k,32k} --num-prompts ${N:-30} \
+      --settings "$(echo "$SETTINGS" | tr ';' ',')" "${merge[@]}" --out "$out" 2>&1 | tee "$out.log" | tail -30
     ;;
   density)
     python3 benchmarks/bench_density.py --model $MODEL --lengths 8k,16k,30k --prompts-per-length 4 \
