@@ -273,6 +273,7 @@ def run_setting(
             yarn=args.yarn,
             tokenizer=args.tokenizer,
             max_logprobs=TOP_LOGPROBS,
+            kv_cache_bytes=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None,
         )
         t0 = time.perf_counter()
         log(f"{setting.name}: starting engine ({setting.backend}, pbs {config})")
@@ -346,6 +347,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="no CUDA graphs / compilation (default: on; accuracy does not need them)",
     )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=None,
+        help="a fixed KV cache of this many GiB per engine instead of vLLM's memory profile "
+        "(needed when several engines start side by side on one GPU)",
+    )
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--dtype", default=None, help="default: auto on CUDA, float32 on the CPU")
     p.add_argument(

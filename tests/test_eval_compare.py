@@ -258,6 +258,11 @@ def test_engine_kwargs(tmp_path):
     assert stock["enable_prefix_caching"] is False and stock["enforce_eager"] is True
     cpu = engine.engine_kwargs(tmp_path, "stock", None, on_gpu=False, max_model_len=9000)
     assert cpu["attention_backend"] == "CPU_ATTN" and cpu["dtype"] == "float32"
+    assert "kv_cache_memory_bytes" not in stock
+    fixed = dict(on_gpu=True, max_model_len=9000, kv_cache_bytes=2**30)
+    assert engine.engine_kwargs(tmp_path, "stock", None, **fixed)["kv_cache_memory_bytes"] == 2**30
+    fixed["on_gpu"] = False  # the CPU engine sizes its cache by its own setting
+    assert "kv_cache_memory_bytes" not in engine.engine_kwargs(tmp_path, "stock", None, **fixed)
     pbs = engine.engine_kwargs(
         tmp_path,
         "pbs",

@@ -15,8 +15,9 @@
 #   ruler    RULER-style suite (SETTINGS, LENGTHS, N; RULER_OUT names the results folder,
 #            RULER_ARGS adds options, e.g. --known-densities from an earlier run)
 #   ruler-par  the same, SETTINGS split into groups by ';' (e.g. "flash;pbs-last1k,unpermuted-last1k-matched")
-#            run as parallel processes sharing the GPU (RULER_UTIL each, default 0.25), then
-#            merged into one table in RULER_OUT (agreement included)
+#            run as parallel processes sharing the GPU (a fixed KV cache of RULER_KV_GIB each,
+#            default 8: vLLM's memory profile would count the others' memory), then merged
+#            into one table in RULER_OUT (agreement included)
 #   density  PBS density per layer and KV head at 8K-30K and a mask heatmap
 #   soak     issue 18's served soak (benchmarks/gpu/soak.sh, its head lists the SOAK_* env):
 #            FLASH_ATTN and PBS tau=1 served side by side (CUDA graphs, prefix caching, YaRN
@@ -93,9 +94,9 @@ for step in "$@"; do
     for g in "${groups[@]}"; do
       i=$((i + 1)); merge+=(--merge-from "$out-g$i")
       python3 benchmarks/bench_ruler.py --model $MODEL --lengths ${LENGTHS:-8k,16k,32k} --num-prompts ${N:-30} \
-        --settings "$g" --gpu-memory-utilization ${RULER_UTIL:-0.25} ${RULER_ARGS:-} --out "$out-g$i" \
+        --settings "$g" --kv-cache-gib ${RULER_KV_GIB:-8} ${RULER_ARGS:-} --out "$out-g$i" \
         >"$out-g$i.log" 2>&1 &
-      sleep 20  # engines profile GPU memory at start-up: let each see the others' share
+      sleep 5
     done
     wait
     tail -4 "$out"-g*.log

@@ -91,6 +91,7 @@ def engine_kwargs(
     tokenizer: str | Path | None = None,
     enable_prefix_caching: bool = False,
     max_logprobs: int | None = None,
+    kv_cache_bytes: int | None = None,
 ) -> dict[str, Any]:
     """`vllm.LLM(**kwargs)` for the stock backend (`backend` 'stock', `pbs` None) or PBS
     (`backend` 'pbs' with its config dict, density sampled at every layer-call).
@@ -98,6 +99,9 @@ def engine_kwargs(
     Prefix caching is off by default: a prompt whose start is cached would prefill only
     its suffix, which changes PBS's masks (and the timing) depending on batch order.
     `dtype` None: "auto" on CUDA, float32 on the CPU (the Triton interpreter's dtype).
+    `kv_cache_bytes` (GPU): a fixed KV cache instead of one sized by vLLM's memory profile,
+    which counts every process's allocations on the device as its own, so engines that
+    start side by side on one GPU need it.
     """
     kwargs: dict[str, Any] = dict(
         model=str(model),
@@ -111,6 +115,8 @@ def engine_kwargs(
         kwargs["tokenizer"] = str(tokenizer)
     if on_gpu and gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    if on_gpu and kv_cache_bytes:
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
     if max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = max_num_batched_tokens
     if max_logprobs is not None:
