@@ -274,7 +274,8 @@ def build_block_mask_torch(
             if exact_last:
                 p[:, -1] = exact_block_mass(scores, perm_b, bs)
             sink = (perm_b[:, :ss] == 0).to(torch.uint8).argmax(dim=-1) // bs
-            num, ids = select_blocks(p, n_cand, sink, params)
+            dense_from = params.dense_from(batch.ctx_lens[b], batch.seq_lens[b])
+            num, ids = select_blocks(p, n_cand, sink, params, dense_from)
             kv_num_blocks[:, k0:k1] = num
             w = min(width, ids.shape[-1])
             kv_indices[:, k0:k1, :w] = ids[..., :w]

@@ -134,6 +134,7 @@ def build_block_mask(
                 kv_indices[:, k0:k1],
                 params,
                 scale,
+                params.dense_from(batch.ctx_lens[b], batch.seq_lens[b]),
             )
         k0 = k1
     # The permutation kernel wrote the attention kernel's row table for this block table.

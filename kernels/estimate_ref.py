@@ -79,7 +79,7 @@ def select_ref(
     p: list[float], sink: int | None, params: SparsityParams, keep_all: bool = False
 ) -> list[int]:
     """Selected candidate ids (ascending) for one query block and KV head (spec step 5);
-    `keep_all`: the block is one of its chunk's last params.dense_last_blocks: every id."""
+    `keep_all`: the block holds one of its chunk's last params.dense_last_tokens queries."""
     if keep_all:
         return list(range(len(p)))
     order = sorted(range(len(p)), key=lambda j: -p[j])
@@ -147,7 +147,8 @@ def build_block_mask_ref(
                         logits = block_logit_ref(q_blk, pos % bs, k_blks, stride) * scale
                         p += torch.softmax(logits, dim=0).cpu() / group
                 sink = int((perm[h, :ss] == 0).nonzero()) // bs if params.keep_sink else None
-                keep_all = k in blocks[len(blocks) - params.dense_last_blocks :]
+                last_n = params.dense_last_tokens
+                keep_all = last_n > 0 and pos + length > batch.seq_lens[b] - last_n
                 selected[h][k] = select_ref(p.tolist(), sink, params, keep_all)
     return _to_mask(plan, perms, selected, q.device)
 

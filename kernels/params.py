@@ -28,9 +28,10 @@ class SparsityParams:
     exact_last_block: the query block holding a chunk's last query selects by its queries'
         exact attention mass per permuted key block (the key importance the permutation is
         built from) instead of pooled scores; needs permute.
-    dense_last_tokens: the query blocks holding a chunk's last this many queries keep every
-        candidate block (whatever tau and max_kept_fraction say), so the end of a prompt,
-        where the question and the first answer token sit, attends exactly; 0 = off.
+    dense_last_tokens: the query blocks holding any of a chunk's last this many queries keep
+        every candidate block (whatever tau and max_kept_fraction say), so the end of a
+        prompt, where the question and the first answer token sit, attends exactly; 0 = off
+        (`dense_from` says which blocks).
     """
 
     block_size: int = 128
@@ -44,11 +45,15 @@ class SparsityParams:
     exact_last_block: bool = True
     dense_last_tokens: int = 0
 
-    @property
-    def dense_last_blocks(self) -> int:
-        """Query blocks at the end of each chunk that keep every candidate (dense_last_tokens
-        rounded up to whole blocks)."""
-        return -(-self.dense_last_tokens // self.block_size)
+    def dense_from(self, ctx_len: int, seq_len: int) -> int:
+        """Among the query blocks of a chunk of queries [ctx_len, seq_len) (blocks at
+        multiples of block_size, the first and last ones possibly partial), the index of
+        the first block that holds one of its last dense_last_tokens queries: it and every
+        later block keep all candidates. The number of blocks when dense_last_tokens is 0."""
+        b = self.block_size
+        if not self.dense_last_tokens:
+            return (seq_len - 1) // b - ctx_len // b + 1
+        return max(0, (seq_len - self.dense_last_tokens) // b - ctx_len // b)
 
     def __post_init__(self) -> None:
         b, s = self.block_size, self.segment_size

@@ -299,7 +299,7 @@ def _estimate_plan(
     for n in n_perm:
         offsets.append(offsets[-1] + n)
     width = max(n // bs for n in n_perm) if any(n_perm) else 1
-    if params.max_kept_fraction is not None and not params.dense_last_blocks:
+    if params.max_kept_fraction is not None and not params.dense_last_tokens:
         width = int(kept_cap(torch.tensor(width), params.max_kept_fraction))
     return EstimatePlan(
         n_perm=n_perm,

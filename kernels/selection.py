@@ -48,14 +48,19 @@ def block_probs(
 
 
 def select_blocks(
-    p: torch.Tensor, n_cand: torch.Tensor, sink_block: torch.Tensor, params: SparsityParams
+    p: torch.Tensor,
+    n_cand: torch.Tensor,
+    sink_block: torch.Tensor,
+    params: SparsityParams,
+    dense_from: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the smallest prefix of candidates by descending p whose mass reaches tau.
 
     p [Hkv, Tq, C] from `block_probs`, n_cand [Tq], sink_block [Hkv] (permuted block of
     original token 0, forced when params.keep_sink and the row has candidates). With
     params.max_kept_fraction at most kept_cap(n_cand) blocks are kept, the sink included.
-    Returns kv_num_blocks [Hkv, Tq] int32 and kv_indices [Hkv, Tq, C] int32 (selected ids
+    Rows from `dense_from` on (`SparsityParams.dense_from` of the chunk p holds) keep every
+    candidate; None: no such rows. Returns kv_num_blocks [Hkv, Tq] int32 and kv_indices [Hkv, Tq, C] int32 (selected ids
     ascending, then padding C).
     """
     c = p.shape[-1]
@@ -72,9 +77,8 @@ def select_blocks(
     if params.max_kept_fraction is not None:
         cap = kept_cap(n, params.max_kept_fraction)
         n_keep = torch.minimum(n_keep, cap)
-    last = params.dense_last_blocks
-    if last:
-        full = torch.arange(p.shape[1], device=p.device) >= p.shape[1] - last
+    if dense_from is not None and dense_from < p.shape[1]:
+        full = torch.arange(p.shape[1], device=p.device) >= dense_from
         n_keep = torch.where(full[None, :], n.expand(p.shape[:2]), n_keep)
     rank = torch.arange(c, device=p.device)
     if params.keep_sink:
@@ -203,6 +207,7 @@ def select_into(
     kv_indices: torch.Tensor,
     params: SparsityParams,
     scale: float,
+    dense_from: int | None = None,
 ) -> None:
     """Fused `block_probs` + `select_blocks` of one sequence, written into the mask.
 
@@ -213,7 +218,7 @@ def select_into(
     positive factor per head: it is normalised to sum 1 here).
     kv_num_blocks [Hkv, Tq] and kv_indices [Hkv, Tq, W] (unit inner strides) receive the
     counts and the first min(W, C) ascending ids (padding C) as `select_blocks` gives them
-    (the last params.dense_last_blocks query blocks keep every candidate).
+    (query blocks from `dense_from` on keep every candidate; None: none do).
     """
     hkv, rows, c = logits.shape
     tq = pos.numel()
@@ -239,7 +244,7 @@ def select_into(
         scale,
         params.tau,
         params.max_kept_fraction or 1.0,
-        max(tq - params.dense_last_blocks, 0),
+        tq if dense_from is None else dense_from,
         GROUP=rows // tq,
         SEG=ss,
         BS=bs,

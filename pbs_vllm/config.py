@@ -72,8 +72,8 @@ class PBSConfig(BaseModel):
     dense_last_tokens: int = Field(
         0,
         ge=0,
-        description="The last this many query tokens of every PBS prefill chunk (rounded up to "
-        "whole blocks) attend every key, whatever tau says: the end of a prompt, where the "
+        description="The query blocks holding any of the last this many queries of every PBS "
+        "prefill chunk attend every key, whatever tau says: the end of a prompt, where the "
         "question and the first answer token usually sit, stays exact (0 = off).",
     )
     dense_hold_steps: int = Field(

@@ -187,10 +187,24 @@ def test_tau_one_selects_every_candidate(gen, paged_kv):
         assert per_head == [list(range(candidates(mask, k))) for k in range(len(mask.qblocks))]
 
 
+def test_dense_from_counts_blocks_holding_the_last_queries():
+    """SparsityParams.dense_from: the first of a chunk's query blocks (at multiples of the
+    block size) that holds one of its last dense_last_tokens queries."""
+    for ctx in (0, 5, 16, 37, 150):
+        for q_len in (1, 3, 16, 40, 100):
+            end = ctx + q_len
+            starts = [ctx] + list(range((ctx // 16 + 1) * 16, end, 16))  # query blocks
+            for n in (0, 1, 15, 16, 17, 33, 500):
+                p = SparsityParams(16, 32, dense_last_tokens=n)
+                ends = [min((s // 16 + 1) * 16, end) for s in starts]
+                want = next((i for i, e in enumerate(ends) if n and e > end - n), len(starts))
+                assert p.dense_from(ctx, end) == want, (ctx, q_len, n)
+
+
 @pytest.mark.parametrize("dense_last_tokens", [1, 16, 17])
 def test_dense_last_tokens_keep_every_candidate(gen, paged_kv, dense_last_tokens):
-    """The query blocks holding each sequence's last dense_last_tokens queries keep every
-    candidate (even under a cap); the others are selected as without the option."""
+    """The query blocks holding any of each sequence's last dense_last_tokens queries keep
+    every candidate (even under a cap); the others are selected as without the option."""
     q, kv = make_inputs(gen, paged_kv, BATCH, 2, 4, 64, 16, spread=0.5)
     base = SparsityParams(16, 32, tau=0.5, max_kept_fraction=0.25)
     params = SparsityParams(
@@ -198,10 +212,10 @@ def test_dense_last_tokens_keep_every_candidate(gen, paged_kv, dense_last_tokens
     )
     mask = build_block_mask(q, kv, BATCH, params, 0.125)
     plain = build_block_mask(q, kv, BATCH, base, 0.125)
-    n_last = -(-dense_last_tokens // 16)
-    seq = mask.qblocks.seq.cpu()
-    for k in range(len(mask.qblocks)):
-        if int((seq[k + 1 :] == seq[k]).sum()) < n_last:  # one of its sequence's last n_last
+    qb = mask.qblocks
+    for k in range(len(qb)):
+        last_query = int(qb.pos[k]) + int(qb.length[k]) - 1
+        if last_query >= BATCH.seq_lens[int(qb.seq[k])] - dense_last_tokens:
             assert (mask.kv_num_blocks[:, k] == candidates(mask, k)).all(), k
         else:
             assert torch.equal(mask.kv_num_blocks[:, k], plain.kv_num_blocks[:, k]), k

@@ -32,16 +32,16 @@ _P = dict(block_size=BS, segment_size=SS)
 
 
 @pytest.mark.parametrize(
-    "group, ties, params",
+    "group, ties, params, dense_from",
     [
-        (7, False, SparsityParams(**_P, tau=0.9)),
-        (1, True, SparsityParams(**_P, tau=0.9)),
-        (4, True, SparsityParams(**_P, tau=0.5, keep_sink=False)),
-        (7, True, SparsityParams(**_P, tau=1.0)),
-        (1, False, SparsityParams(**_P, tau=0.95, max_kept_fraction=0.3)),
-        (7, True, SparsityParams(**_P, tau=1.0, max_kept_fraction=0.1)),
-        (4, False, SparsityParams(**_P, tau=0.5, dense_last_tokens=2 * BS + 1)),
-        (1, True, SparsityParams(**_P, tau=0.9, max_kept_fraction=0.2, dense_last_tokens=1)),
+        (7, False, SparsityParams(**_P, tau=0.9), None),
+        (1, True, SparsityParams(**_P, tau=0.9), None),
+        (4, True, SparsityParams(**_P, tau=0.5, keep_sink=False), None),
+        (7, True, SparsityParams(**_P, tau=1.0), None),
+        (1, False, SparsityParams(**_P, tau=0.95, max_kept_fraction=0.3), None),
+        (7, True, SparsityParams(**_P, tau=1.0, max_kept_fraction=0.1), None),
+        (4, False, SparsityParams(**_P, tau=0.5), 6),
+        (1, True, SparsityParams(**_P, tau=0.9, max_kept_fraction=0.2), 8),
     ],
     ids=[
         "g7-tau0.9",
@@ -54,7 +54,7 @@ _P = dict(block_size=BS, segment_size=SS)
         "g1-ties-cap0.2-dense-last-block",
     ],
 )
-def test_fused_selection_matches_reference(gen, device, group, params, ties):
+def test_fused_selection_matches_reference(gen, device, group, params, ties, dense_from):
     hkv, tq, n_seg = 2, 9, 5
     q_pool, k_pool, pos, perm = _case(gen, group, hkv, n_seg, tq, ties)
     c = k_pool.shape[1]
@@ -67,7 +67,7 @@ def test_fused_selection_matches_reference(gen, device, group, params, ties):
         if use_exact:
             p[:, -1] = exact
         sink = (perm[:, :SS] == 0).int().argmax(dim=-1) // BS
-        want_num, want_ids = select_blocks(p, n_cand, sink, params)
+        want_num, want_ids = select_blocks(p, n_cand, sink, params, dense_from)
         width = c + 3  # wider than this sequence's candidates: the tail stays untouched
         num = torch.full((hkv, tq), -7, dtype=torch.int32)
         ids = torch.full((hkv, tq, width), -7, dtype=torch.int32)
@@ -75,13 +75,23 @@ def test_fused_selection_matches_reference(gen, device, group, params, ties):
         on = lambda x: x.to(device)
         num, ids = on(num), on(ids)
         select_into(
-            on(logits), on(pos), on(perm), on(exact) if use_exact else None, num, ids, params, scale
+            on(logits),
+            on(pos),
+            on(perm),
+            on(exact) if use_exact else None,
+            num,
+            ids,
+            params,
+            scale,
+            dense_from,
         )
         num, ids = num.cpu(), ids.cpu()
         assert torch.equal(num, want_num), (use_exact, num, want_num)
         assert torch.equal(ids[..., :c], want_ids), use_exact
         assert (ids[..., c:] == -7).all()
         assert (num[:, n_cand == 0] == 0).all()
+        if dense_from is not None:  # those rows keep every candidate
+            assert torch.equal(num[:, dense_from:], n_cand[dense_from:].expand(hkv, -1).int())
 
 
 def test_fused_selection_rejects_bad_logits(gen):
