@@ -60,8 +60,8 @@ def select_blocks(
     original token 0, forced when params.keep_sink and the row has candidates). With
     params.max_kept_fraction at most kept_cap(n_cand) blocks are kept, the sink included.
     Rows from `dense_from` on (`SparsityParams.dense_from` of the chunk p holds) keep every
-    candidate; None: no such rows. Returns kv_num_blocks [Hkv, Tq] int32 and kv_indices [Hkv, Tq, C] int32 (selected ids
-    ascending, then padding C).
+    candidate; None: no such rows. Returns kv_num_blocks [Hkv, Tq] int32 and kv_indices
+    [Hkv, Tq, C] int32 (selected ids ascending, then padding C).
     """
     c = p.shape[-1]
     vals, order = p.sort(dim=-1, descending=True, stable=True)

@@ -40,6 +40,9 @@ gguf() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site-gguf .whl/gguf-*.whl >>"$RES/pip.log" 2>&1
   export PYTHONPATH=/tmp/site-gguf:$PYTHONPATH
 }
+ruler() { # the suite on the real model at LENGTHS with N prompts per task; more options after
+  python3 benchmarks/bench_ruler.py --model $MODEL --lengths ${LENGTHS:-8k,16k,32k} --num-prompts ${N:-30} "$@"
+}
 for step in "$@"; do
   case "$step" in
   tests)
@@ -84,8 +87,7 @@ for step in "$@"; do
       --out "$RES/ttft-yarn" 2>&1 | tee "$RES/ttft-yarn.log" | grep -v '^RESULT' | tail -16
     ;;
   ruler)
-    python3 benchmarks/bench_ruler.py --model $MODEL --lengths ${LENGTHS:-8k,16k,32k} --num-prompts ${N:-30} \
-      --settings ${SETTINGS:-flash,pbs-sparse,unpermuted-matched} ${RULER_ARGS:-} \
+    ruler --settings ${SETTINGS:-flash,pbs-sparse,unpermuted-matched} ${RULER_ARGS:-} \
       --out "$RES/${RULER_OUT:-ruler}" 2>&1 | tee "$RES/${RULER_OUT:-ruler}.log" | tail -30
     ;;
   ruler-par)
@@ -93,15 +95,13 @@ for step in "$@"; do
     IFS=';' read -ra groups <<<"${SETTINGS:?SETTINGS: groups of settings separated by ;}"
     for g in "${groups[@]}"; do
       i=$((i + 1)); merge+=(--merge-from "$out-g$i")
-      python3 benchmarks/bench_ruler.py --model $MODEL --lengths ${LENGTHS:-8k,16k,32k} --num-prompts ${N:-30} \
-        --settings "$g" --kv-cache-gib ${RULER_KV_GIB:-8} ${RULER_ARGS:-} --out "$out-g$i" \
+      ruler --settings "$g" --kv-cache-gib ${RULER_KV_GIB:-8} ${RULER_ARGS:-} --out "$out-g$i" \
         >"$out-g$i.log" 2>&1 &
       sleep 5
     done
     wait
     tail -4 "$out"-g*.log
-    python3 benchmarks/bench_ruler.py --model $MODEL --lengths ${LENGTHS:-8k,16k,32k} --num-prompts ${N:-30} \
-      --settings "$(echo "$SETTINGS" | tr ';' ',')" "${merge[@]}" --out "$out" 2>&1 | tee "$out.log" | tail -30
+    ruler --settings "$(echo "$SETTINGS" | tr ';' ',')" "${merge[@]}" --out "$out" 2>&1 | tee "$out.log" | tail -30
     ;;
   density)
     python3 benchmarks/bench_density.py --model $MODEL --lengths 8k,16k,30k --prompts-per-length 4 \
