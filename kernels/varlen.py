@@ -70,6 +70,12 @@ def varlen_plan(mask: PBSBlockMask) -> VarlenPlan:
 # --------------------------------------------------------------------------- launches
 
 
+# Columns per loop step of `_page_table_kernel`: one value for every width, so a short
+# prompt compiles no variant of its own while serving (a width-derived tile did: served on
+# an H100, 2026-12-07, a 1497-token prefill waited for 4 variants the warm-up had not made).
+_PAGE_TABLE_W = 128
+
+
 # Neither sizes nor the alignment of the index pointers (rows of the step's plan and
 # per-sequence slices) are specialised: no compile per new prompt length.
 @triton.jit(do_not_specialize=["kv_num_ptr", "kv_idx_ptr", "perm_page_ptr", "own_page_ptr",
@@ -153,7 +159,7 @@ def page_tables(mask: PBSBlockMask, plan: VarlenPlan) -> tuple[torch.Tensor, tor
         table, seqused, kv_num, kv_idx, plan.perm_page, plan.own_page, plan.own_len,
         width, table.stride(0), table.stride(1), kv_num.stride(0), kv_idx.stride(0),
         kv_idx.stride(1), seqused.stride(0),
-        BLOCK_B=bs, BLOCK_W=min(128, triton.next_power_of_2(width)),
+        BLOCK_B=bs, BLOCK_W=_PAGE_TABLE_W,
     )  # fmt: skip
     return table, seqused
 

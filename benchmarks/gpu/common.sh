@@ -12,13 +12,21 @@ python3 -c "import pytest, hypothesis, pytest_timeout" 2>/dev/null ||
   python3 -m pip install -q --no-index --find-links .whl pytest hypothesis pytest-timeout \
     >>"$RES/pip.log" 2>&1
 pack() { tar -C /tmp -czf "$OUT/results-$1.tgz" results; ls -la "$OUT"; }
-# While a step runs, /tmp/results is mirrored into $OUT/live.tgz every 20 s (written aside,
-# then renamed), so a call cut off by its time limit still returns what its steps wrote.
+# While a step runs, /tmp/results is mirrored into $OUT/live.tgz every 20 s (written aside
+# under a name of this process, then renamed), so a call cut off by its time limit still
+# returns what its steps wrote. The mirror stops with the script that started it, also when
+# `timeout` stops that one with SIGTERM (an EXIT trap alone does not run then), and a
+# TERM/INT stops the script's background jobs too (ruler-par's engines), so no orphan keeps
+# the call running past its steps.
 if [ -n "${OUT:-}" ] && [ -z "${PBS_LIVE_MIRROR:-}" ]; then
   export PBS_LIVE_MIRROR=1
+  parent=$$
   (while sleep 20; do
-    tar -C /tmp -czf "$OUT/.live.tgz" results 2>/dev/null && mv "$OUT/.live.tgz" "$OUT/live.tgz"
+    kill -0 "$parent" 2>/dev/null || exit 0
+    tar -C /tmp -czf "$OUT/.live-$parent.tgz" results 2>/dev/null &&
+      mv "$OUT/.live-$parent.tgz" "$OUT/live.tgz"
   done) &
   mirror_pid=$!
   trap 'kill $mirror_pid 2>/dev/null' EXIT
 fi
+trap 'trap - TERM INT; kill $(jobs -p) 2>/dev/null; pkill -TERM -P $$ 2>/dev/null; exit 143' TERM INT

@@ -93,9 +93,13 @@ for step in "$@"; do
   ruler-par)
     out="$RES/${RULER_OUT:-ruler}"; i=0; merge=()
     IFS=';' read -ra groups <<<"${SETTINGS:?SETTINGS: groups of settings separated by ;}"
+    # vLLM refuses to start while less than gpu_memory_utilization x the device is free,
+    # so each engine asks for its share (the KV cache itself is fixed by --kv-cache-gib).
+    util=$(python3 -c "print(round(0.9 / ${#groups[@]} - 0.02, 3))")
     for g in "${groups[@]}"; do
       i=$((i + 1)); merge+=(--merge-from "$out-g$i")
-      ruler --settings "$g" --kv-cache-gib ${RULER_KV_GIB:-8} ${RULER_ARGS:-} --out "$out-g$i" \
+      ruler --settings "$g" --kv-cache-gib ${RULER_KV_GIB:-8} --gpu-memory-utilization $util \
+        ${RULER_ARGS:-} --out "$out-g$i" \
         >"$out-g$i.log" 2>&1 &
       sleep 5
     done
