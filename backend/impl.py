@@ -2,8 +2,8 @@
 
 Per layer: route (`backend/routing.py` decides whether the step is held on the stock
 kernel), estimate (`prefill_mask` per prefill run, over the run's `PrefillPlan` that the
-metadata builder built once for the step), route again (every sparse mask at
-least `dense_above` dense: the stock impl attends the whole step), attend (decodes on the
+metadata builder built once for the step), route again (the step's density at or above
+its break-even density: the stock impl attends the whole step), attend (decodes on the
 stock impl, prefill runs on the prefill kernel of `backend/prefill_kernel.py`: FA3 on
 Hopper, the Triton kernel elsewhere).
 
@@ -263,7 +263,7 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         vllm_config = get_current_vllm_config()
         config = get_pbs_config(vllm_config)
         self.params = config.sparsity_params()
-        self.routing = LayerRouting(config.dense_above, config.dense_hold_steps)
+        self.routing = LayerRouting(config.dense_hold_steps)
         self.cuda_graphs = config.cuda_graphs
         self._on_cpu = stock_backend().get_name() == "CPU_ATTN"
         # attend(q, kv, mask, scale, out): FA3 on Hopper, else Triton (chosen once, logged)
@@ -323,7 +323,12 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("PBS attention does not fuse output quantization")
         m = attn_metadata
-        step = StepView(can_switch=m.stock_all is not None, longest=m.longest_prefill)
+        step = StepView(
+            can_switch=m.stock_all is not None,
+            longest=m.longest_prefill,
+            switch_above=m.switch_above,
+            weights=m.sparse_weights,
+        )
         if self.routing.held(step):
             # A recent step of this layer, with sequences at least as long, was too dense.
             metrics.record_fallback("dense_held")
@@ -331,8 +336,8 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         work, graphs = self._estimate(layer, query, kv_cache, m)
         densities = self._densities(work, step, getattr(layer, "layer_name", None))
         if self.routing.switch(step, densities):
-            # Every prefill mask of this layer keeps >= dense_above of its blocks: the stock
-            # kernel attends densely faster than PBS would sparsely. (No decodes here.)
+            # The step's density reaches its break-even density (dense_above, or the cost
+            # model's): the stock kernel attends densely faster than PBS would sparsely.
             metrics.record_fallback("dense_mask")
             return self.stock.forward(layer, query, key, value, kv_cache, m.stock_all, output)
         if m.decode is not None:

@@ -7,7 +7,9 @@ of consecutive requests that share a mode (sparse, or dense below `dense_fallbac
 A step whose prefills are all dense gets the stock metadata itself, so the stock impl
 (FA3 on Hopper) runs the whole step; dense runs beside sparse ones use the PBS kernel with
 the full causal mask. With `dense_above` set, a step with sparse runs also carries the
-stock metadata of the whole step, for layers whose estimated masks come out too dense.
+stock metadata of the whole step, for layers whose estimated masks come out too dense, and
+its break-even density (`backend/routing.py`): with `dense_above` "auto" the cost model's
+(`backend/cost.py`), and a step that no density could win goes to the stock kernel whole.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from pbs_vllm import metrics
 from pbs_vllm.backend.compat import host_seq_lens
 from pbs_vllm.backend.log import get_logger
-from pbs_vllm.backend.routing import prefill_is_dense, step_can_switch
+from pbs_vllm.backend.cost import CostModel, StepWork, rates_for
+from pbs_vllm.backend.routing import (
+    AUTO_FALLBACK_ABOVE,
+    no_density_wins,
+    prefill_is_dense,
+    step_can_switch,
+    step_switch_above,
+)
 from pbs_vllm.backend.stats import STATS
 from pbs_vllm.backend.stock import stock_backend
 from pbs_vllm.config import get_pbs_config
@@ -63,7 +72,9 @@ class PBSAttentionMetadata:
     """decode: stock metadata of rows [0, num_decode_tokens) (None without decodes);
     block_table: [num_reqs, max_pages] int32 (device); prefill_runs: the prefill rows;
     stock_all: stock metadata of the whole step, for layers whose masks come out dense
-    (None when `dense_above` is off, or the step has decodes or no sparse run).
+    (None when `dense_above` is off, or the step has decodes or no sparse run);
+    switch_above: the step's break-even density (None: never switch); sparse_weights: the
+    causal pairs of each sparse run, in order (the step's density weighs masks by them).
 
       rows of the step's q / output [T, Hq, D]:
         [0, num_decode_tokens)        decodes: stock impl (metadata `decode`)
@@ -77,6 +88,8 @@ class PBSAttentionMetadata:
     block_table: torch.Tensor
     prefill_runs: list[PrefillRun]
     stock_all: Any = None
+    switch_above: float | None = None
+    sparse_weights: tuple[int, ...] = ()
     # CUDA graphs of the step's PBS work (`pbs_vllm.kernels.graphs`): whether the step can
     # have them (builder), and the StepGraphs the first layer creates (shared by the layers).
     graphs_eligible: bool = False
@@ -147,6 +160,28 @@ def group_heads(vllm_config: VllmConfig, layer_names: list[str]) -> tuple[int, i
     return shapes.pop() if len(shapes) == 1 else None
 
 
+_COST_LOGGED: set[str] = set()
+
+
+def routing_cost_model(device, heads: tuple[int, int, int] | None) -> CostModel | None:
+    """The cost model for `dense_above` "auto" on this device and per-rank head shape, or
+    None (logged once per reason): not a CUDA device, a GPU without rates in
+    backend/cost.py's table, or layers of mixed shapes."""
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None
+    rates = rates_for(name)
+    if rates is not None and heads is not None:
+        model = CostModel(rates, *heads)
+        why = f"cost model with the {rates.name} rates ({heads[0]} q / {heads[1]} KV heads, d {heads[2]})"
+    else:
+        model = None
+        what = "layers of mixed shapes" if rates is not None else f"no rates for {name or 'this device'}"
+        why = f"{what}: break-even density {AUTO_FALLBACK_ABOVE}"
+    if why not in _COST_LOGGED:
+        _COST_LOGGED.add(why)
+        logger.info(f"PBS routing (dense_above auto): {why}")
+    return model
+
+
 class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]):
     """Wraps the stock builder: its metadata for decodes, ChunkBatch runs for prefills.
 
@@ -181,6 +216,7 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
         self.stock = stock_backend().get_builder_cls()(
             kv_cache_spec, layer_names, vllm_config, device
         )
+        self.cost = None  # the routing's cost model (dense_above "auto" on a known GPU)
         self.uses_pbs = group_uses_pbs(vllm_config, layer_names)
         if not self.uses_pbs:
             # Stock impls only (see impl.unsupported_reason): be the stock builder.
@@ -193,6 +229,9 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
             self.tiles = tile_shape(
                 num_heads, self.num_kv_heads, head_size, dtype, self.params.block_size
             )
+        if self.dense_above == "auto":
+            self.cost = routing_cost_model(device, heads)
+
 
     @property
     def _route(self) -> str:
@@ -230,8 +269,11 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
                 num_decodes,
                 self.dense_below,
             )
-        if runs and all(run.dense for run in runs):
-            # Every prefill is below dense_fallback_len: the whole step is a stock step
+        switch_above = self._switch_above(runs)
+        no_win = no_density_wins(switch_above)
+        if runs and (no_win or all(run.dense for run in runs)):
+            # Every prefill is below dense_fallback_len, or no density of the sparse ones
+            # could beat the stock kernel (the cost model): the whole step is a stock step
             # (the stock kernels are the fastest dense attention there is).
             metadata = self.stock.build(common_prefix_len, common, fast_build)
         elif num_prefills == 0:
@@ -246,7 +288,7 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
                 )
                 decode = self.stock.build(common_prefix_len, decode_common, fast_build)
             stock_all = None
-            if step_can_switch(self.dense_above, num_decodes):
+            if step_can_switch(switch_above, num_decodes):
                 stock_all = self.stock.build(common_prefix_len, common, fast_build)
             metadata = PBSAttentionMetadata(
                 num_actual_tokens=common.num_actual_tokens,
@@ -255,18 +297,36 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
                 block_table=common.block_table_tensor,
                 prefill_runs=runs,
                 stock_all=stock_all,
+                switch_above=switch_above,
+                sparse_weights=tuple(
+                    StepWork.of([(r.batch.q_lens, r.batch.ctx_lens, False)]).sparse_pairs
+                    for r in runs
+                    if not r.dense
+                ),
                 graphs_eligible=self._plan(runs, common.block_table_tensor),
             )
         tokens = {True: 0, False: 0}
-        short = 0
+        short = cost = 0
         for run in runs:
-            tokens[run.dense] += run.rows.stop - run.rows.start
+            tokens[run.dense or no_win] += run.rows.stop - run.rows.start
             short += len(run.batch) if run.dense else 0
+            cost += len(run.batch) if no_win and not run.dense else 0
         STATS.record_step(num_decode_tokens, tokens[False], tokens[True])
         if short:
             metrics.record_fallback("short_prompt", short)
+        if cost:
+            metrics.record_fallback("dense_cost", cost)
         STATS.maybe_log()
         return metadata
+
+    def _switch_above(self, runs: list[PrefillRun]) -> float | None:
+        """The step's break-even density (`backend/routing.py`); None without sparse runs
+        or with `dense_above` off."""
+        if not any(not run.dense for run in runs):
+            return None
+        work = StepWork.of([(run.batch.q_lens, run.batch.ctx_lens, run.dense) for run in runs])
+        graphs = self.cuda_graphs and graphs_eligible(runs, self.params)
+        return step_switch_above(self.dense_above, self.cost, work, self._route, graphs)
 
     def _plan(self, runs: list[PrefillRun], block_table: torch.Tensor) -> bool:
         """Build every run's PrefillPlan (`run.plan`: the layers only launch); True if the

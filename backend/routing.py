@@ -2,19 +2,26 @@
 or torch inside (unit-tested on its own).
 
 Per request and step, in the metadata builder: `prefill_is_dense` (below
-`dense_fallback_len`: stock, unestimated) and `step_can_switch` (whether the step's layers
-may switch after estimation). Then one `LayerRouting` object per layer, its state
-explicit, takes two decisions per layer and step in `PBSAttentionImpl.forward`:
+`dense_fallback_len`: stock, unestimated), `step_can_switch` (whether the step's layers
+may switch after estimation) and `step_switch_above`: the step's break-even density, from
+which the stock kernel attends the step faster than PBS would. With `dense_above` "auto"
+it is the cost model's prediction for the step's lengths on this GPU (`backend/cost.py`);
+0 (no density could win: a short, host-bound step) sends the whole step to the stock
+kernel unestimated (`no_density_wins`). A number is a fixed break-even density.
 
-1. before estimation, `held(step)`: a recent step of this layer came out too dense, and
-   its density, carried to this step's length by the fall of density with context
-   (`DENSITY_FALLOFF`), still predicts a mask too dense, so this step goes to the stock
-   kernel unestimated; each held step uses up one of the `dense_hold_steps` - 1 steps the
-   switch granted;
-2. after estimation, `switch(step, densities)`: every sparse mask of the layer keeps at
-   least `dense_above` of its blocks, so the stock kernel attends the whole step densely
-   (faster than PBS at that density) and a hold starts; a step that could have switched
-   and came out sparse ends the hold.
+Then one `LayerRouting` object per layer, its state explicit, takes two decisions per layer
+and step in `PBSAttentionImpl.forward`:
+
+1. before estimation, `held(step)`: the layer's last switch to the stock kernel predicts,
+   through the fall of density with context (`DENSITY_FALLOFF`), a density at this step's
+   length at or above the step's break-even, so the step goes to the stock kernel
+   unestimated; each held step uses up one of the `dense_hold_steps` - 1 steps a switch
+   grants (a prediction from this layer's own last measurement: without it, a model whose
+   masks never win, e.g. random weights, would pay for estimation in every step);
+2. after estimation, `switch(step, densities)`: the step's density (its sparse masks'
+   densities weighted by their causal pairs) is at or above its break-even, so the stock
+   kernel attends the whole step densely and the layer remembers that density; a step
+   that could have switched and came out sparse ends the hold.
 
 Both need the step to carry the stock metadata of all its rows (`StepView.can_switch`:
 `dense_above` set and no decodes in the step). The densities cost one host sync, so
@@ -24,13 +31,21 @@ stats take their samples without a sync, `backend/stats.py`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from pbs_vllm.backend.cost import CostModel, StepWork
 
 # How density falls with context: d(L) ~ L ** -DENSITY_FALLOFF. Measured on
 # Qwen2.5-Coder-0.5B with code prompts at tau 0.9 (docs/benchmarks.md): 0.31-0.35 from 8K
 # to 30K, 0.43 from 64K to 127K (YaRN); random weights do not fall at all, which only
 # makes a hold end earlier than it could.
 DENSITY_FALLOFF = 0.35
+
+# The break-even density `dense_above: "auto"` uses where the cost model has no rates
+# (the CPU, GPUs without a row in backend/cost.py's table, layers of mixed shapes): the
+# Triton kernel's measured crossover against FA3 (docs/method.md).
+AUTO_FALLBACK_ABOVE = 0.6
 
 
 def prefill_is_dense(seq_len: int, dense_fallback_len: int) -> bool:
@@ -40,53 +55,100 @@ def prefill_is_dense(seq_len: int, dense_fallback_len: int) -> bool:
     return seq_len < dense_fallback_len
 
 
-def step_can_switch(dense_above: float | None, num_decodes: int) -> bool:
+def step_can_switch(switch_above: float | None, num_decodes: int) -> bool:
     """Per step, in the metadata builder: whether its layers may switch to the stock
-    kernel after estimation, so the builder must also build stock metadata for all rows
-    (`StepView.can_switch`). Only without decodes: two stock builds in one step could
-    share the stock builder's persistent buffers (FA3's scheduler metadata under full
-    CUDA graphs)."""
-    return dense_above is not None and num_decodes == 0
+    kernel after estimation (a break-even density a mask can reach, `step_switch_above`),
+    so the builder must also build stock metadata for all rows (`StepView.can_switch`).
+    Only without decodes: two stock builds in one step could share the stock builder's
+    persistent buffers (FA3's scheduler metadata under full CUDA graphs)."""
+    return switch_above is not None and switch_above <= 1.0 and num_decodes == 0
+
+
+def step_switch_above(
+    dense_above: float | str | None,
+    cost: CostModel | None,
+    work: StepWork,
+    route: str,
+    graphs: bool = False,
+) -> float | None:
+    """Per step, in the metadata builder: the step's break-even density (None: never
+    switch). dense_above "auto" asks `cost` (None: `AUTO_FALLBACK_ABOVE`); a number is
+    used as it is."""
+    if dense_above is None:
+        return None
+    if dense_above == "auto":
+        if cost is None:
+            return AUTO_FALLBACK_ABOVE
+        return cost.switch_above(work, route, graphs)
+    if isinstance(dense_above, str) or not 0.0 < dense_above <= 1.0:
+        raise ValueError(f"dense_above={dense_above!r}: must be in (0, 1], 'auto' or None")
+    return float(dense_above)
+
+
+def no_density_wins(switch_above: float | None) -> bool:
+    """Whether the step's break-even density is 0: no mask, however sparse, is predicted
+    to beat the stock kernel, so the step goes there unestimated."""
+    return switch_above is not None and switch_above <= 0.0
 
 
 @dataclass(frozen=True)
 class StepView:
     """What routing reads from a step: can_switch (the step holds stock metadata for all
-    of its rows) and longest (its longest prefill sequence, in tokens)."""
+    of its rows), longest (its longest prefill sequence, in tokens), switch_above (its
+    break-even density; None: never switch) and weights (each sparse mask's causal pairs,
+    in the order of the densities; empty: equal weights)."""
 
     can_switch: bool
     longest: int
+    switch_above: float | None = None
+    weights: tuple[int, ...] = ()
+
+    def density(self, densities: Sequence[float]) -> float:
+        """The step's density: its sparse masks' densities, weighted by their pairs."""
+        if not self.weights or len(self.weights) != len(densities) or not sum(self.weights):
+            return sum(densities) / len(densities)
+        return sum(w * d for w, d in zip(self.weights, densities)) / sum(self.weights)
 
 
 @dataclass
 class LayerRouting:
     """Routing state of one attention layer.
 
-    dense_above: the kept-block fraction from which a layer's step goes to the stock
-    kernel (None: never). hold_steps: steps a switch covers, itself included (1: every
-    step is estimated). held_steps / held_up_to: steps left on the stock kernel, and the
-    longest sequence they may have: the length at which the switching step's lowest
-    density, falling as `DENSITY_FALLOFF` says, would reach `dense_above`.
+    hold_steps: steps a switch covers, itself included (1: every step is estimated).
+    held_steps: steps the last switch still grants; switch_density / switch_len: the
+    density and longest sequence of that switch, from which `predicted_density` carries
+    the layer's density to other lengths.
     """
 
-    dense_above: float | None
     hold_steps: int = 1
     held_steps: int = 0
-    held_up_to: int = 0
+    switch_density: float = 0.0
+    switch_len: int = 0
 
     def __post_init__(self) -> None:
-        if self.dense_above is not None and not 0.0 < self.dense_above <= 1.0:
-            raise ValueError(f"dense_above={self.dense_above}: must be in (0, 1] or None")
         if self.hold_steps < 1:
             raise ValueError(f"hold_steps={self.hold_steps}: must be >= 1")
 
-    def _can_switch(self, step: StepView) -> bool:
-        return step.can_switch and self.dense_above is not None
+    @staticmethod
+    def _can_switch(step: StepView) -> bool:
+        return step.can_switch and step.switch_above is not None
+
+    def predicted_density(self, length: int) -> float:
+        """The layer's density at `length` as its last switch predicts it: that switch's
+        density, falling as `DENSITY_FALLOFF` says past that switch's length (a shorter
+        sequence is predicted no sparser)."""
+        if self.switch_len <= 0:
+            return 0.0
+        return self.switch_density * (max(length, self.switch_len) / self.switch_len) ** (
+            -DENSITY_FALLOFF
+        )
 
     def held(self, step: StepView) -> bool:
         """Whether this step runs on the stock kernel without estimation (uses one held
         step when it does)."""
-        if self._can_switch(step) and self.held_steps > 0 and step.longest <= self.held_up_to:
+        if not self._can_switch(step) or self.held_steps <= 0:
+            return False
+        if self.predicted_density(step.longest) >= step.switch_above:
             self.held_steps -= 1
             return True
         return False
@@ -99,13 +161,12 @@ class LayerRouting:
     def switch(self, step: StepView, densities: list[float] | None) -> bool:
         """After estimation: whether the whole step goes to the stock kernel. densities:
         of the step's sparse masks (None or empty: not read, so no switch)."""
-        if not self._can_switch(step):
+        if not self._can_switch(step) or not densities:
             return False
-        if densities and all(d >= self.dense_above for d in densities):
+        density = step.density(densities)
+        if density >= step.switch_above:
             self.held_steps = self.hold_steps - 1
-            reach = (min(densities) / self.dense_above) ** (1.0 / DENSITY_FALLOFF)
-            self.held_up_to = max(self.held_up_to, int(step.longest * reach))
+            self.switch_density, self.switch_len = density, step.longest
             return True
-        if densities:
-            self.held_steps = self.held_up_to = 0  # sparse where it could have switched
+        self.held_steps = 0  # sparse where it could have switched
         return False

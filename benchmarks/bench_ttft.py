@@ -56,6 +56,11 @@ CONFIGS: dict[str, tuple[str, dict | None]] = {
     # the default with sparse prefill from 16K on (a candidate default for real models)
     "pbs-default-16k": ("pbs", {"dense_fallback_len": 16384}),
     "pbs-default-8k": ("pbs", {"dense_fallback_len": 8192}),
+    # tau 0.9 at every length, the cost model routing each step (dense_above auto): what the
+    # default becomes without the dense fallback that keeps the answers below 64K
+    "pbs-routed": ("pbs", {"dense_fallback_len": 0}),
+    # the same with a fixed break-even density of 0.6 (the routing before the cost model)
+    "pbs-routed-0.6": ("pbs", {"dense_fallback_len": 0, "dense_above": 0.6}),
 }
 
 

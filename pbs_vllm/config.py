@@ -62,12 +62,13 @@ class PBSConfig(BaseModel):
     dense_fallback_len: int = Field(
         65536, ge=0, description="Prefills whose sequence is shorter than this run dense."
     )
-    dense_above: float | None = Field(
-        0.6,
-        gt=0.0,
-        le=1.0,
-        description="A layer whose PBS masks keep at least this fraction of blocks runs the "
-        "step's prefill on the stock kernel (none = never).",
+    dense_above: float | Literal["auto"] | None = Field(
+        "auto",
+        description="Break-even density: a layer whose PBS masks keep at least this fraction "
+        "of their blocks (weighted by their causal pairs) runs the step's prefill on the stock "
+        "kernel; auto = predicted per step from its lengths and the GPU's measured rates "
+        "(backend/cost.py; 0.6 where the GPU has none), and a step no density could win goes "
+        "to the stock kernel unestimated; none = never switch.",
     )
     dense_last_tokens: int = Field(
         0,
@@ -81,8 +82,8 @@ class PBSConfig(BaseModel):
         ge=1,
         description="After a dense_above switch, the layer's prefill steps without decodes "
         "stay on the stock kernel, unestimated, while their sequences are no longer than the "
-        "length at which the switch's density, falling with context, would reach "
-        "dense_above, until this many (the switching one included) have run; 1 = estimate "
+        "length at which the switch's density, falling with context, would fall below the "
+        "step's break-even density (dense_above), until this many (the switching one included) have run; 1 = estimate "
         "every step.",
     )
     stats_log_interval_s: float = Field(
@@ -124,6 +125,13 @@ class PBSConfig(BaseModel):
         "per permuted block (the importance scores) instead of pooled scores; false = the "
         "paper's pooled scores for every block.",
     )
+
+    @field_validator("dense_above")
+    @classmethod
+    def _density_or_auto(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not 0.0 < v <= 1.0:
+            raise ValueError("must be in (0, 1]")
+        return v
 
     @field_validator("block_size")
     @classmethod
@@ -195,7 +203,7 @@ _ALLOWED = {
     "tau": "a number in (0, 1]",
     "max_kept_fraction": "a number in (0, 1], or null for no cap",
     "dense_fallback_len": "an integer >= 0",
-    "dense_above": "a number in (0, 1], or null to never switch",
+    "dense_above": "'auto', a number in (0, 1], or null to never switch",
     "dense_last_tokens": "an integer >= 0",
     "dense_hold_steps": "an integer >= 1",
     "scoring": "'mean' or 'antidiagonal'",

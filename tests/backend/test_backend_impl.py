@@ -227,8 +227,8 @@ def test_sparse_masks_below_dense_above_run_pbs(harness_factory, monkeypatch):
 def test_dense_switch_holds_the_layer_on_stock_for_hold_steps(harness_factory, monkeypatch, hold):
     """After a switch the layer's next steps without decodes skip estimation and attend on
     the stock kernel until `dense_hold_steps` have run dense, while their sequences stay
-    within the length at which the switch's density would fall to `dense_above`
-    (`LayerRouting.held_up_to`); then it estimates again. A step with decodes, or with a
+    within the length at which the switch's density would fall below the step's break-even
+    (`LayerRouting.predicted_density`); then it estimates again. A step with decodes, or with a
     sequence past that length, estimates regardless. Every step stays exact."""
     calls = _count_pbs_attention(monkeypatch)
     estimated = _count_impl_calls(monkeypatch, "prefill_mask")
@@ -272,6 +272,70 @@ def test_sparse_step_ends_the_dense_hold(harness_factory, monkeypatch):
         h.step(reqs)
         per_step.append((estimated[0] > before[0], calls[0] > before[1]))
     assert per_step == [(True, False), (True, True), (True, False)]
+
+
+def _cost_model(monkeypatch, **rates):
+    """The builder's cost model for `dense_above: auto`, with the Hopper rates changed."""
+    from dataclasses import replace
+
+    from pbs_vllm.backend import metadata as metadata_mod
+    from pbs_vllm.backend.cost import RATES, CostModel
+
+    changed = replace(RATES[0], **rates)
+    monkeypatch.setattr(
+        metadata_mod, "routing_cost_model", lambda device, heads: CostModel(changed, *heads)
+    )
+
+
+@pytest.mark.parametrize("with_decodes", [False, True])
+def test_auto_sends_a_step_no_density_could_win_to_the_stock_kernel(
+    harness_factory, monkeypatch, with_decodes
+):
+    """dense_above auto: where the cost model predicts that no mask, however sparse, beats
+    the stock kernel (here: a host time of a second per layer call), the builder hands the
+    whole step to the stock backend, decodes included: nothing is estimated."""
+    _cost_model(monkeypatch, host_ms={"eager": 1e3, "graphs": 1e3})
+    calls = _count_pbs_attention(monkeypatch)
+    estimated = _count_impl_calls(monkeypatch, "prefill_mask")
+    h = harness_factory({**FULL_MASK, "dense_above": "auto", "dense_fallback_len": 0})
+    STATS.reset()
+    step = h.step([Req(37, 1), *PREFILLS] if with_decodes else PREFILLS)
+    assert isinstance(step.metadata, CPUAttentionMetadata)
+    assert (calls[0], estimated[0]) == (0, 0)
+    torch.testing.assert_close(
+        step.output.double(), causal_reference(step, h.scale), atol=2e-4, rtol=1e-3
+    )
+    assert STATS.snapshot()["sparse_prefill_tokens"] == 0
+
+
+@pytest.mark.parametrize(("efficiency", "switches"), [(0.85, True), (50.0, False)])
+def test_auto_switches_where_the_cost_model_says_the_stock_kernel_is_faster(
+    harness_factory, monkeypatch, efficiency, switches
+):
+    """dense_above auto, host time and estimation free: full masks (density 1) switch to the stock kernel
+    at the Hopper rates; with PBS predicted faster at any density (an efficiency of 50x)
+    the step never switches and carries no stock metadata for its rows."""
+    _cost_model(
+        monkeypatch,
+        host_ms={"eager": 0.0, "graphs": 0.0},
+        estimate_fixed_ms=0.0,
+        estimate_ms_per_key=0.0,
+        estimate_ms_per_pair=0.0,
+        attend_fixed_ms=0.0,
+        efficiency={"fa3": efficiency, "triton": efficiency},
+    )
+    calls = _count_pbs_attention(monkeypatch)
+    h = harness_factory({**FULL_MASK, "dense_above": "auto", "dense_fallback_len": 0})
+    step = h.step(PREFILLS)
+    m = step.metadata
+    assert isinstance(m, PBSAttentionMetadata)
+    assert (m.stock_all is not None) == switches
+    assert m.switch_above > 1.0 if not switches else 0.0 < m.switch_above < 1.0
+    assert len(m.sparse_weights) == len([r for r in m.prefill_runs if not r.dense])
+    assert calls[0] == (0 if switches else 1)
+    torch.testing.assert_close(
+        step.output.double(), causal_reference(step, h.scale), atol=2e-4, rtol=1e-3
+    )
 
 
 def test_builder_plans_every_run_once_and_forward_only_launches(harness_factory, monkeypatch):

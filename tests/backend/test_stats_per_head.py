@@ -64,7 +64,7 @@ def test_impl_records_per_head_with_the_scalar_densities():
     ]
     work = [(SimpleNamespace(dense=False), None, None, mask) for mask in masks]
     work.append((SimpleNamespace(dense=True), None, None, masks[0]))
-    impl = SimpleNamespace(routing=LayerRouting(dense_above=None))
+    impl = SimpleNamespace(routing=LayerRouting())
     saved = STATS.log_interval_s
     try:
         STATS.reset()
@@ -149,14 +149,14 @@ def test_impl_returns_densities_only_where_routing_switches():
 
     mask = random_block_mask(ChunkBatch([40], [150]), 16, 32, 2, 0.3, "cpu", seed=3)
     work = [(SimpleNamespace(dense=False), None, None, mask)]
-    impl = SimpleNamespace(routing=LayerRouting(dense_above=0.6))
+    impl = SimpleNamespace(routing=LayerRouting())
     saved = STATS.log_interval_s
     try:
         STATS.reset()
         STATS.configure(0.0)  # no sample due
-        got = PBSAttentionImpl._densities(impl, work, StepView(True, 190), "l")
+        got = PBSAttentionImpl._densities(impl, work, StepView(True, 190, 0.6), "l")
         assert got == pytest.approx([mask.density()])
-        assert PBSAttentionImpl._densities(impl, work, StepView(False, 190), "l") is None
+        assert PBSAttentionImpl._densities(impl, work, StepView(False, 190, 0.6), "l") is None
         assert STATS.snapshot()["density_samples"] == 1
     finally:
         STATS.configure(saved)
