@@ -31,8 +31,8 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from pbs_vllm import metrics
 from pbs_vllm.backend.compat import host_seq_lens
-from pbs_vllm.backend.log import get_logger
 from pbs_vllm.backend.cost import CostModel, StepWork, rates_for
+from pbs_vllm.backend.log import get_logger
 from pbs_vllm.backend.routing import (
     AUTO_FALLBACK_ABOVE,
     no_density_wins,
@@ -174,7 +174,11 @@ def routing_cost_model(device, heads: tuple[int, int, int] | None) -> CostModel 
         why = f"cost model with the {rates.name} rates ({heads[0]} q / {heads[1]} KV heads, d {heads[2]})"
     else:
         model = None
-        what = "layers of mixed shapes" if rates is not None else f"no rates for {name or 'this device'}"
+        what = (
+            "layers of mixed shapes"
+            if rates is not None
+            else f"no rates for {name or 'this device'}"
+        )
         why = f"{what}: break-even density {AUTO_FALLBACK_ABOVE}"
     if why not in _COST_LOGGED:
         _COST_LOGGED.add(why)
@@ -231,7 +235,6 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
             )
         if self.dense_above == "auto":
             self.cost = routing_cost_model(device, heads)
-
 
     @property
     def _route(self) -> str:

@@ -188,4 +188,3 @@ def test_everything_wins_and_nothing_to_win():
     assert m.switch_above(StepWork.of([([64], [0], True)]), "fa3") == 0.0  # no sparse run
     with pytest.raises(ValueError, match="margin=1.0"):
         CostModel(rates_for(H100), 32, 8, 128, margin=1.0)
-
