@@ -23,7 +23,7 @@
 # (/tmp/qwen-hf, written by `prep`), SOAK_YARN (4: YaRN factor for the 32K-native Qwen model,
 # 0 for none), SOAK_MAX_LEN (124928), SOAK_MEM (0.4), SOAK_BATCHED (8192, max-num-batched-
 # tokens), SOAK_START_S (300, per server start), SOAK_REQUESTS (300), SOAK_ROUNDS (2),
-# SOAK_CONCURRENCY (32), SOAK_SEQUENTIAL (40), SOAK_DISCONNECTS (2), SOAK_LOGPROBS (40),
+# SOAK_KV_GIB (12, each server's KV cache), SOAK_CONCURRENCY (32), SOAK_SEQUENTIAL (40), SOAK_DISCONNECTS (2), SOAK_LOGPROBS (40),
 # SOAK_CONFIG_REQUESTS (100), SOAK_RSS_DRIFT (512), SOAK_GPU_DRIFT (256), SOAK_ARGS (more
 # soak.py options, e.g. "--vocab 3,900" for make-dummy-llama's ~1000-token tokenizer),
 # SOAK_SERVE_ARGS (more `vllm serve` options, e.g. "--load-format dummy"), BENCH (1; 0 skips
@@ -64,14 +64,16 @@ pbs_config() {
   esac # flash: FLASH_ATTN; default: PBS with no additional config
 }
 
-serve() { # NAME: start its server unless it is up, and wait for /health
-  local name=$1 pid t0=$SECONDS limit cfg backend=pbs
+start_server() { # NAME: start its server unless it is up (returns at once)
+  local name=$1 pid cfg backend=pbs
   [ -f "$S/$name.pid" ] && kill -0 "$(cat "$S/$name.pid")" 2>/dev/null && return 0
   [ "$name" = flash ] && backend=FLASH_ATTN
+  # A fixed KV cache (SOAK_KV_GIB): servers that start side by side would each count the
+  # other's memory in vLLM's memory profile and size their caches wrong.
   local args=(serve "$MODEL_DIR" --host 127.0.0.1 --port "$(port_of "$name")"
     --attention-backend "$backend" --max-model-len "$MAX_LEN" --enable-prefix-caching
     --gpu-memory-utilization "${SOAK_MEM:-0.4}" --max-num-batched-tokens "${SOAK_BATCHED:-8192}"
-    --seed 0)
+    --kv-cache-memory-bytes "$((${SOAK_KV_GIB:-12} * 1073741824))" --seed 0)
   cfg=$(pbs_config "$name")
   [ -n "$cfg" ] && args+=(--additional-config "$cfg")
   [ -n "$HF_OVERRIDES" ] && args+=(--hf-overrides "$HF_OVERRIDES")
@@ -79,6 +81,13 @@ serve() { # NAME: start its server unless it is up, and wait for /health
   VLLM_SERVER_DEV_MODE=1 setsid vllm "${args[@]}" ${SOAK_SERVE_ARGS:-} >"$S/server-$name.log" 2>&1 &
   pid=$!
   echo "$pid" >"$S/$name.pid"
+  echo "$SECONDS" >"$S/$name.t0"
+}
+
+wait_healthy() { # NAME: wait for its /health (SOAK_START_S from its start at most)
+  local name=$1 pid t0 limit
+  pid=$(cat "$S/$name.pid" 2>/dev/null) || return 1
+  t0=$(cat "$S/$name.t0" 2>/dev/null || echo "$SECONDS")
   limit=$(cap "${SOAK_START_S:-300}")
   until curl -sf -m 5 "$(url_of "$name")/health" >/dev/null; do
     if ! kill -0 "$pid" 2>/dev/null || [ $((SECONDS - t0)) -ge "$limit" ]; then
@@ -90,6 +99,13 @@ serve() { # NAME: start its server unless it is up, and wait for /health
     sleep 2
   done
   echo "soak: $name server up in $((SECONDS - t0)) s ($(url_of "$name"), pid $pid)"
+}
+
+serve() { # NAME...: start their servers side by side, then wait until every one is healthy
+  local name ok=0
+  for name in "$@"; do start_server "$name"; done
+  for name in "$@"; do wait_healthy "$name" || ok=1; done
+  return $ok
 }
 
 stop() { # NAME: SIGTERM its process group, SIGKILL after 30 s; wait until the group is gone
@@ -139,7 +155,7 @@ for phase in ${SOAK_PHASES:-tau1 default sparse flash}; do
   case $phase in
   tau1)
     need 300 tau1 || continue
-    serve flash && serve tau1 || continue
+    serve flash tau1 || continue
     drive tau1 tau1 420 --requests "${SOAK_REQUESTS:-300}" --rounds "${SOAK_ROUNDS:-2}" \
       --sequential "${SOAK_SEQUENTIAL:-40}" --disconnects "${SOAK_DISCONNECTS:-2}" \
       --reference-url "$(url_of flash)" --prompt-logprobs "${SOAK_LOGPROBS:-40}" \
