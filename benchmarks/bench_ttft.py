@@ -49,6 +49,8 @@ CONFIGS: dict[str, tuple[str, dict | None]] = {
     "pbs-tau-triton": ("pbs", {"tau": 0.9, "attention_kernel": "triton", **_PURE}),
     "pbs-tau0.8": ("pbs", {"tau": 0.8, **_PURE}),
     "pbs-tau0.95": ("pbs", {"tau": 0.95, **_PURE}),
+    "pbs-tau0.98": ("pbs", {"tau": 0.98, **_PURE}),
+    "pbs-tau0.99": ("pbs", {"tau": 0.99, **_PURE}),
     # tau 0.9 with each chunk's last 1024 query tokens dense (dense_last_tokens)
     "pbs-last1k": ("pbs", {"tau": 0.9, "dense_last_tokens": 1024, **_PURE}),
     "pbs-full": ("pbs", {"tau": 1.0, **_PURE}),

@@ -62,7 +62,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("pbs-default", "pbs", description="PBS with its default configuration"),
         Setting("pbs-sparse", "pbs", _SPARSE, description="PBS, tau 0.9, never dense"),
         Setting("pbs-tau0.8", "pbs", {**_SPARSE, "tau": 0.8}, description="pbs-sparse, tau 0.8"),
-        Setting("pbs-tau0.95", "pbs", {**_SPARSE, "tau": 0.95}, description="pbs-sparse, tau 0.95"),
+        *(
+            Setting(f"pbs-tau{t}", "pbs", {**_SPARSE, "tau": t}, description=f"pbs-sparse, tau {t}")
+            for t in (0.95, 0.98, 0.99)
+        ),
         Setting(
             "pbs-pooled256",
             "pbs",
@@ -91,6 +94,13 @@ SETTINGS: dict[str, Setting] = {
             match_density_of="pbs-last1k",
             description="unpermuted block-sparse with the last 1024 query tokens dense, capped "
             "at pbs-last1k's measured density",
+        ),
+        Setting(
+            "unpermuted-tau0.98-matched",
+            "pbs",
+            {**_SPARSE, "tau": 1.0, "permute": False},
+            match_density_of="pbs-tau0.98",
+            description="unpermuted block-sparse, capped at pbs-tau0.98's measured density",
         ),
         Setting(
             "unpermuted-matched",
