@@ -233,6 +233,43 @@ def cmd_fetch_model(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _length(text: str) -> int:
+    text = text.strip().lower()
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
+def cmd_routing(args: argparse.Namespace, extra: list[str]) -> int:
+    """Print what `dense_above: auto` predicts for one prompt per length, chunk by chunk."""
+    from pbs_vllm.backend.cost import RATES, CostModel, StepWork, rates_for
+
+    rates = rates_for(args.gpu)
+    if rates is None:
+        known = ", ".join(r.name for r in RATES)
+        raise ValueError(f"--gpu {args.gpu!r}: no rates for it (known: {known})")
+    model = CostModel(rates, args.q_heads, args.kv_heads, args.head_dim)
+    mode = "graphs" if args.graphs else "eager"
+    print(
+        f"{rates.name}, {args.q_heads} q / {args.kv_heads} KV heads, d {args.head_dim}, "
+        f"{args.route} attention, {mode} launches, chunks of {args.chunk} tokens; per layer:"
+    )
+    print("| prompt | chunk (queries over context) | stock ms | estimate ms | break-even density |")
+    print("|---|---|---:|---:|---:|")
+    for text in args.lengths.split(","):
+        n = _length(text)
+        for start in range(0, n, args.chunk):
+            q = min(args.chunk, n - start)
+            work = StepWork.of([([q], [start], False)])
+            above = model.switch_above(work, args.route, args.graphs)
+            verdict = "no density wins: stock" if above == 0 else f"{above:.2f}"
+            if above > 1:
+                verdict = "every density wins"
+            print(
+                f"| {text} | {q} over {start} | {model.stock_ms(work):.3f} | "
+                f"{model.estimate_ms(work):.3f} | {verdict} |"
+            )
+    return 0
+
+
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--synthetic", action="store_true", help="use the synthetic generator")
@@ -293,6 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--csv", type=Path, default=None, help="also write the table as CSV")
     p.set_defaults(func=cmd_fidelity, takes_extra=False)
+
+    p = sub.add_parser(
+        "routing",
+        help="the cost model's break-even density per prefill chunk (dense_above auto)",
+    )
+    p.add_argument("--gpu", default="H100", help="GPU name, e.g. 'NVIDIA H200' (default H100)")
+    p.add_argument("--q-heads", type=int, required=True, help="query heads per rank")
+    p.add_argument("--kv-heads", type=int, required=True, help="KV heads per rank")
+    p.add_argument("--head-dim", type=int, required=True)
+    p.add_argument("--lengths", default="8k,16k,32k,64k,128k", help="prompt lengths")
+    p.add_argument(
+        "--chunk", type=int, default=16384, help="prefill chunk (max-num-batched-tokens)"
+    )
+    p.add_argument("--route", choices=["fa3", "triton"], default="fa3")
+    p.add_argument("--graphs", action="store_true", help="step graphs (cuda_graphs) on")
+    p.set_defaults(func=cmd_routing, takes_extra=False)
 
     p = sub.add_parser(
         "fetch-model",

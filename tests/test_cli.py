@@ -157,3 +157,21 @@ def test_serve_demo_dry_run_names_the_cached_model_without_fetching(tmp_path):
     assert opt("--attention-backend") == "pbs" and opt("--port") == "8124"
     assert json.loads(opt("--additional-config"))["pbs"]["dense_fallback_len"] == 2048
     assert cmd[-2:] == ["--max-num-seqs", "2"]
+
+
+def test_routing_prints_the_cost_models_break_even_per_chunk(capsys):
+    from pbs_vllm.cli import main
+
+    args = ["routing", "--q-heads", "14", "--kv-heads", "2", "--head-dim", "64"]
+    assert main([*args, "--lengths", "8k,30k"]) == 0
+    rows = {
+        line.split("|")[2].strip(): line.split("|")[-2].strip()
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith(("| 8k", "| 30k"))
+    }
+    assert rows["8192 over 0"] == "no density wins: stock"  # host-bound at 8K
+    assert 0 < float(rows["16384 over 0"]) < float(rows["14336 over 16384"]) < 1
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--gpu", "A100"])
+    assert e.value.code == 2
+    assert "no rates for it (known: H200, H100)" in capsys.readouterr().err
