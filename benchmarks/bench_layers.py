@@ -4,10 +4,13 @@ step graphs (`pbs_vllm.kernels.graphs`), without vLLM's model around it.
 Each layer has its own paged cache (same block table, fresh structured keys, so tau keeps
 a realistic fraction); a step estimates and attends every layer through FA3. `eager`
 launches every kernel from Python per layer; `graphs` captures the work at the first layer
-(a new capture per step, as in serving) and replays it for the others. Reported per step:
-host ms (Python and launches, the GPU left to run), wall ms (to the end of the GPU work),
-and host ms per layer. On a small model the host, not the GPU, sets the pace; this is the
-number the graphs are for.
+(a new capture per step, as in serving) and replays it for the others; `stock` attends
+every layer with one FA3 call over the paged cache (what FLASH_ATTN runs). Reported per
+step: host ms (Python and launches, the GPU left to run), wall ms (to the end of the GPU
+work), host ms per layer, and the wall ms the routing's cost model predicts for the step
+(`pbs_vllm.backend.cost`, at the measured density; "-" on a GPU without rates), which this
+benchmark is also the check of. On a small model the host, not the GPU, sets the pace;
+this is the number the graphs are for.
 
     python benchmarks/bench_layers.py --length 30k --chunk 16k --layers 24   # Qwen2.5-0.5B
 """
@@ -21,6 +24,7 @@ import time
 import torch
 from bench_ttft import parse_length  # sibling script: run this one as a file, like it
 
+from pbs_vllm.backend.cost import CostModel, StepWork, rates_for
 from pbs_vllm.kernels import ChunkBatch, PagedKV, SparsityParams, prefill_mask
 from pbs_vllm.kernels.graphs import StepGraphs, capture_prefill
 from pbs_vllm.kernels.plan import plan_for
@@ -88,13 +92,19 @@ def main() -> None:
             g.replay("attend")
             out.copy_(g.out)
 
+    def stock_step(plan) -> None:
+        mask = plan.dense_mask()
+        for (q, kv), out in zip(inputs, outs, strict=True):
+            pbs_attention_varlen(q, kv, mask, scale, fa3, out=out)
+
     rows = []
     density = None
-    for name, step in (("eager", eager_step), ("graphs", graph_step)):
+    for name, step in (("eager", eager_step), ("graphs", graph_step), ("stock", stock_step)):
         host, wall = [], []
         for rep in range(args.reps + 1):
             b = ChunkBatch(list(batch.q_lens), list(batch.ctx_lens))  # a new step
-            plan = plan_for(inputs[0][0], inputs[0][1], b, params, "fa3")
+            dense = name == "stock"
+            plan = plan_for(inputs[0][0], inputs[0][1], b, params, "fa3", dense=dense)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             step(plan)
@@ -105,20 +115,33 @@ def main() -> None:
                 host.append((t1 - t0) * 1e3)
                 wall.append((t2 - t0) * 1e3)
         check = [out.float().clone() for out in outs[:2]]
-        if density is None:
+        if density is None and name != "stock":
             mask = prefill_mask(inputs[0][0], inputs[0][1], b, params, scale, plan=plan)
             density = mask.density()
         rows.append((name, statistics.median(host), statistics.median(wall), check))
     same = all(torch.equal(a, b) for a, b in zip(rows[0][3], rows[1][3], strict=True))
+    rates = rates_for(torch.cuda.get_device_name())
+    model = CostModel(rates, hq, hkv, d) if rates is not None else None
+    work = StepWork.of([(batch.q_lens, batch.ctx_lens, False)])
+    predicted = {}
+    if model is not None:
+        predicted = {
+            "eager": args.layers * model.pbs_ms(work, density, "fa3"),
+            "graphs": args.layers * model.pbs_ms(work, density, "fa3", graphs=True),
+            "stock": args.layers * model.stock_ms(work),
+        }
+        above = model.switch_above(work, "fa3")
     print(
         f"{torch.cuda.get_device_name()}: {args.layers} layers, {q_len} queries over "
         f"{n - q_len} keys, {hq} q / {hkv} KV heads, d {d}, tau {args.tau} (density "
         f"{density:.3f}); outputs identical eager vs graphs: {same}"
+        + (f"; cost model's break-even density {above:.2f}" if model is not None else "")
     )
-    print("| mode | host ms / step | wall ms / step | host ms / layer |")
-    print("|---|---:|---:|---:|")
+    print("| mode | host ms / step | wall ms / step | predicted wall ms / step | host ms / layer |")
+    print("|---|---:|---:|---:|---:|")
     for name, h, w, _ in rows:
-        print(f"| {name} | {h:.2f} | {w:.2f} | {h / args.layers:.3f} |")
+        p = f"{predicted[name]:.2f}" if name in predicted else "-"
+        print(f"| {name} | {h:.2f} | {w:.2f} | {p} | {h / args.layers:.3f} |")
 
 
 if __name__ == "__main__":
