@@ -309,16 +309,16 @@ class PBSAttentionMetadataBuilder(AttentionMetadataBuilder[PBSAttentionMetadata]
                 graphs_eligible=self._plan(runs, common.block_table_tensor),
             )
         tokens = {True: 0, False: 0}
-        short = cost = 0
+        short = unwinnable = 0
         for run in runs:
             tokens[run.dense or no_win] += run.rows.stop - run.rows.start
             short += len(run.batch) if run.dense else 0
-            cost += len(run.batch) if no_win and not run.dense else 0
+            unwinnable += len(run.batch) if no_win and not run.dense else 0
         STATS.record_step(num_decode_tokens, tokens[False], tokens[True])
         if short:
             metrics.record_fallback("short_prompt", short)
-        if cost:
-            metrics.record_fallback("dense_cost", cost)
+        if unwinnable:
+            metrics.record_fallback("dense_cost", unwinnable)
         STATS.maybe_log()
         return metadata
 
