@@ -20,9 +20,10 @@ than the stock kernel to be chosen. Where not even an empty mask would win (a sh
 host-bound step), it is 0 and the step goes to the stock kernel unestimated.
 
 How the table's Hopper row reproduces the measurements it comes from (Qwen2.5-Coder-0.5B,
-14 q / 2 KV heads, d 64, tau 0.9, docs/benchmarks.md): at 8K stock attention takes 0.26 ms
-per layer against PBS's 0.7 ms of host time (measured: PBS 0.71x), at 16K it predicts
-54 ms for the prompt (measured 56 ms; FA3 62 ms) and a break-even density of 0.66.
+14 q / 2 KV heads, d 64, tau 0.9, H100, docs/benchmarks.md): FA3's TTFT with 24 layers'
+attention replaced by the prediction at the measured density gives 38 / 54 / 109 ms at
+8K / 16K / 30K, measured 41 / 56 / 114 ms (FA3: 27 / 62 / 152 ms). At 8K stock attention
+takes 0.26 ms per layer against PBS's 0.7 ms of host time: no density wins there.
 """
 
 from __future__ import annotations
