@@ -188,3 +188,24 @@ def test_everything_wins_and_nothing_to_win():
     assert m.switch_above(StepWork.of([([64], [0], True)]), "fa3") == 0.0  # no sparse run
     with pytest.raises(ValueError, match="margin=1.0"):
         CostModel(rates_for(H100), 32, 8, 128, margin=1.0)
+
+
+@pytest.mark.parametrize(
+    ("flash_ms", "chunks", "density", "measured_ms"),
+    [
+        (27, [(8192, 0)], 0.447, 41),
+        (62, [(16384, 0)], 0.376, 56),
+        (152, [(16384, 0), (14336, 16384)], 0.295, 114),
+    ],
+    ids=["8k", "16k", "30k"],
+)
+def test_the_rates_reproduce_the_measured_ttft(flash_ms, chunks, density, measured_ms):
+    """The Hopper row against the measurements it summarises (docs/benchmarks.md, H100,
+    2026-12-07, Qwen2.5-Coder-0.5B, tau 0.9, eager): FA3's TTFT with its 24 layers'
+    attention replaced by the predicted PBS time lands within 10% of PBS's TTFT."""
+    m = CostModel(rates_for(H100), 14, 2, 64)
+    saved = 0.0
+    for q, ctx in chunks:
+        w = StepWork.of([([q], [ctx], False)])
+        saved += m.stock_ms(w) - m.pbs_ms(w, density, "fa3")
+    assert flash_ms - 24 * saved == pytest.approx(measured_ms, rel=0.1)
