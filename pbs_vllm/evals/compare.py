@@ -95,19 +95,18 @@ SETTINGS: dict[str, Setting] = {
             description="unpermuted block-sparse with the last 1024 query tokens dense, capped "
             "at pbs-last1k's measured density",
         ),
-        Setting(
-            "unpermuted-tau0.98-matched",
-            "pbs",
-            {**_SPARSE, "tau": 1.0, "permute": False},
-            match_density_of="pbs-tau0.98",
-            description="unpermuted block-sparse, capped at pbs-tau0.98's measured density",
-        ),
-        Setting(
-            "unpermuted-matched",
-            "pbs",
-            {**_SPARSE, "tau": 1.0, "permute": False},
-            match_density_of="pbs-sparse",
-            description="unpermuted block-sparse, capped at pbs-sparse's measured density",
+        *(
+            Setting(
+                name,
+                "pbs",
+                {**_SPARSE, "tau": 1.0, "permute": False},
+                match_density_of=of,
+                description=f"unpermuted block-sparse, capped at {of}'s measured density",
+            )
+            for name, of in (
+                ("unpermuted-tau0.98-matched", "pbs-tau0.98"),
+                ("unpermuted-matched", "pbs-sparse"),
+            )
         ),
     )
 }
