@@ -233,14 +233,10 @@ def cmd_fetch_model(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _length(text: str) -> int:
-    text = text.strip().lower()
-    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
-
-
 def cmd_routing(args: argparse.Namespace, extra: list[str]) -> int:
     """Print what `dense_above: auto` predicts for one prompt per length, chunk by chunk."""
     from pbs_vllm.backend.cost import RATES, CostModel, StepWork, rates_for
+    from pbs_vllm.evals.ruler import parse_length
 
     rates = rates_for(args.gpu)
     if rates is None:
@@ -255,14 +251,17 @@ def cmd_routing(args: argparse.Namespace, extra: list[str]) -> int:
     print("| prompt | chunk (queries over context) | stock ms | estimate ms | break-even density |")
     print("|---|---|---:|---:|---:|")
     for text in args.lengths.split(","):
-        n = _length(text)
+        n = parse_length(text)
         for start in range(0, n, args.chunk):
             q = min(args.chunk, n - start)
             work = StepWork.of([([q], [start], False)])
             above = model.switch_above(work, args.route, args.graphs)
-            verdict = "no density wins: stock" if above == 0 else f"{above:.2f}"
-            if above > 1:
+            if above == 0:
+                verdict = "no density wins: stock"
+            elif above > 1:
                 verdict = "every density wins"
+            else:
+                verdict = f"{above:.2f}"
             print(
                 f"| {text} | {q} over {start} | {model.stock_ms(work):.3f} | "
                 f"{model.estimate_ms(work):.3f} | {verdict} |"
