@@ -33,7 +33,7 @@ from dataclasses import replace
 import torch
 
 from pbs_vllm.evals import ruler
-from pbs_vllm.fidelity.metrics import attend, mask_fidelity
+from pbs_vllm.fidelity.metrics import kept_pairs, mask_fidelity, masked_attention
 from pbs_vllm.fidelity.oracle import topk_oracle_mask
 from pbs_vllm.fidelity.report import PromptAttention, candidate_fraction
 from pbs_vllm.kernels.params import SparsityParams
@@ -90,17 +90,11 @@ def capture_qkv(model_path: str, ids: list[int]) -> list[dict[str, torch.Tensor]
 
 def breakdown(token_mask, probs, v, out_dense, last: int) -> dict:
     """The quantities of `mask_fidelity`, broken down by KV head and over the last `last`
-    queries; same formula (masked probs renormalised over the kept keys)."""
+    queries (the same `masked_attention`)."""
     hq, n, _ = probs.shape
     hkv = v.shape[1]
     group = hq // hkv
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    kept_q = (token_mask.cpu() & causal).repeat_interleave(group, dim=0)
-    masked = probs * kept_q
-    del kept_q
-    mass = masked.sum(dim=-1)  # [Hq, N]
-    out = attend(masked.div_(mass[..., None]), v)  # [N, Hq, D]
-    del masked
+    mass, out = masked_attention(kept_pairs(token_mask), probs, v)  # [Hq, N], [N, Hq, D]
     err = out - out_dense
     tail = slice(n - last, n)
 

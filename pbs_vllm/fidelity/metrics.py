@@ -27,6 +27,23 @@ def attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.einsum("hqk,khd->qhd", probs, v.double().repeat_interleave(group, dim=1))
 
 
+def kept_pairs(token_mask: torch.Tensor) -> torch.Tensor:
+    """token_mask [Hkv, N, N] bool restricted to the causal (query, key) pairs, on the CPU."""
+    n = token_mask.shape[-1]
+    return token_mask.cpu() & torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def masked_attention(
+    kept: torch.Tensor, probs: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention over `kept` [Hkv, N, N] (from `kept_pairs`): (mass [Hq, N], the
+    dense attention mass each query keeps; out [N, Hq, D], probs restricted to the kept
+    keys, renormalised, applied to v [N, Hkv, D])."""
+    masked = probs * kept.repeat_interleave(probs.shape[0] // kept.shape[0], dim=0)
+    mass = masked.sum(dim=-1)
+    return mass, attend(masked.div_(mass[..., None]), v)
+
+
 @dataclass(frozen=True)
 class Fidelity:
     """pair_fraction: computed / causally visible (query, key) pairs, mean over KV heads
@@ -54,12 +71,8 @@ def mask_fidelity(
             f"token_mask has shape {tuple(token_mask.shape)}, expected [kv_heads, N, N] = "
             f"{(v.shape[1], n, n)}"
         )
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    kept = token_mask.cpu() & causal
-    pair_fraction = kept.sum().item() / (causal.sum().item() * kept.shape[0])
-    kept_q = kept.repeat_interleave(hq // kept.shape[0], dim=0)
-    masked = probs * kept_q
-    mass = masked.sum(dim=-1)  # [Hq, N]
-    out = attend(masked / mass[..., None], v)
+    kept = kept_pairs(token_mask)
+    pair_fraction = kept.sum().item() / (n * (n + 1) // 2 * kept.shape[0])
+    mass, out = masked_attention(kept, probs, v)
     rel_error = ((out - out_dense).norm() / out_dense.norm()).item()
     return Fidelity(pair_fraction=pair_fraction, recall=mass.mean().item(), rel_error=rel_error)
