@@ -150,7 +150,6 @@ def main() -> None:
     ap.add_argument("--segment-size", type=int, default=512)
     ap.add_argument("--no-exact-last-block", action="store_true")
     ap.add_argument("--dense-last-tokens", type=int, default=0)
-    ap.add_argument("--group-rule", default="mean", choices=["mean", "union"])
     ap.add_argument("--last", type=int, default=128, help="queries of the answer-position slice")
     ap.add_argument("--layers", default=None, help="comma-separated layer indices (default all)")
     ap.add_argument("--oracle", action="store_true", help="also score the top-k oracle")
@@ -200,7 +199,6 @@ def main() -> None:
                 tau=tau,
                 exact_last_block=not args.no_exact_last_block,
                 dense_last_tokens=args.dense_last_tokens,
-                group_rule=args.group_rule,
             )
             mask = prompt.mask(replace(params, permute=True))
             row = {

@@ -51,9 +51,6 @@ CONFIGS: dict[str, tuple[str, dict | None]] = {
     "pbs-tau0.95": ("pbs", {"tau": 0.95, **_PURE}),
     "pbs-tau0.98": ("pbs", {"tau": 0.98, **_PURE}),
     "pbs-tau0.99": ("pbs", {"tau": 0.99, **_PURE}),
-    # tau 0.9 (0.8) for every query head of a GQA group (group_rule union)
-    "pbs-union": ("pbs", {"tau": 0.9, "group_rule": "union", **_PURE}),
-    "pbs-union-tau0.8": ("pbs", {"tau": 0.8, "group_rule": "union", **_PURE}),
     # tau 0.9 with each chunk's last 1024 query tokens dense (dense_last_tokens)
     "pbs-last1k": ("pbs", {"tau": 0.9, "dense_last_tokens": 1024, **_PURE}),
     "pbs-full": ("pbs", {"tau": 1.0, **_PURE}),

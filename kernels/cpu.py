@@ -270,11 +270,9 @@ def build_block_mask_torch(
             n_cand = qb.pos[k0:k1].long() // ss * ss // bs
             rows = q[batch.cu_seqlens_q[b] : batch.cu_seqlens_q[b + 1]]
             q_pool = pool_query_blocks_torch(rows, batch.ctx_lens[b], bs, stride)
-            union = params.group_rule == "union"
-            p = block_probs(q_pool, k_pool, n_cand, scale, per_head=union)
-            if exact_last:  # [Hkv, C]: the last row (of every head's p with union)
-                mass = exact_block_mass(scores, perm_b, bs)
-                p[..., -1, :] = mass.unsqueeze(1) if union else mass
+            p = block_probs(q_pool, k_pool, n_cand, scale)
+            if exact_last:
+                p[:, -1] = exact_block_mass(scores, perm_b, bs)
             sink = (perm_b[:, :ss] == 0).to(torch.uint8).argmax(dim=-1) // bs
             dense_from = params.dense_from(batch.ctx_lens[b], batch.seq_lens[b])
             num, ids = select_blocks(p, n_cand, sink, params, dense_from)

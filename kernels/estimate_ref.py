@@ -75,36 +75,23 @@ def block_logit_ref(
     return torch.stack(per_class).mean(dim=0)
 
 
-def _tau_prefix(p: list[float], tau: float) -> list[int]:
-    """Candidate ids by descending p (ties: lower id first) while the mass before is < tau."""
+def select_ref(
+    p: list[float], sink: int | None, params: SparsityParams, keep_all: bool = False
+) -> list[int]:
+    """Selected candidate ids (ascending) for one query block and KV head (spec step 5);
+    `keep_all`: the block holds one of its chunk's last params.dense_last_tokens queries."""
+    if keep_all:
+        return list(range(len(p)))
+    order = sorted(range(len(p)), key=lambda j: -p[j])
     kept, mass = [], 0.0
-    for j in sorted(range(len(p)), key=lambda j: -p[j]):
-        if tau < 1.0 and mass >= tau:
+    for j in order:
+        if params.tau < 1.0 and mass >= params.tau:
             break
         kept.append(j)
         mass += p[j]
-    return kept
-
-
-def select_ref(
-    heads: list[list[float]], sink: int | None, params: SparsityParams, keep_all: bool = False
-) -> list[int]:
-    """Selected candidate ids (ascending) for one query block and KV head (spec step 5)
-    from the block probabilities of each query head of the group (`heads`, one list per
-    head; a single list where the group shares one distribution); `keep_all`: the block
-    holds one of its chunk's last params.dense_last_tokens queries."""
-    n = len(heads[0])
-    if keep_all:
-        return list(range(n))
-    if params.group_rule == "union":
-        rank = [max(h[j] for h in heads) for j in range(n)]
-        members = set().union(*(_tau_prefix(h, params.tau) for h in heads))
-        kept = [j for j in sorted(range(n), key=lambda j: -rank[j]) if j in members]
-    else:
-        kept = _tau_prefix([sum(h[j] for h in heads) / len(heads) for j in range(n)], params.tau)
-    cap = n
+    cap = len(p)
     if params.max_kept_fraction is not None:
-        cap = int(kept_cap(torch.tensor(n), params.max_kept_fraction))
+        cap = int(kept_cap(torch.tensor(len(p)), params.max_kept_fraction))
         kept = kept[:cap]
     if sink is not None and sink not in kept:
         kept = kept[: cap - 1] + [sink]
@@ -150,19 +137,19 @@ def build_block_mask_ref(
                             for c in range(n_cand)
                         ]
                     ).double()
-                    heads = [(mass / max(float(mass.sum()), 1e-300)).tolist()]
+                    p = mass / max(float(mass.sum()), 1e-300)
                 else:
                     k_blks = keys[perm[h, : n_cand * bs].long().to(keys.device), h]
                     k_blks = k_blks.view(n_cand, bs, -1)
-                    heads = []
+                    p = torch.zeros(n_cand, dtype=torch.float64)
                     for g in range(group):
                         q_blk = q[row : row + length, h * group + g].double()
                         logits = block_logit_ref(q_blk, pos % bs, k_blks, stride) * scale
-                        heads.append(torch.softmax(logits, dim=0).cpu().tolist())
+                        p += torch.softmax(logits, dim=0).cpu() / group
                 sink = int((perm[h, :ss] == 0).nonzero()) // bs if params.keep_sink else None
                 last_n = params.dense_last_tokens
                 keep_all = last_n > 0 and pos + length > batch.seq_lens[b] - last_n
-                selected[h][k] = select_ref(heads, sink, params, keep_all)
+                selected[h][k] = select_ref(p.tolist(), sink, params, keep_all)
     return _to_mask(plan, perms, selected, q.device)
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 Scoring = Literal["mean", "antidiagonal"]
-GroupRule = Literal["mean", "union"]
 
 
 @dataclass(frozen=True)
@@ -29,11 +28,6 @@ class SparsityParams:
     exact_last_block: the query block holding a chunk's last query selects by its queries'
         exact attention mass per permuted key block (the key importance the permutation is
         built from) instead of pooled scores; needs permute.
-    group_rule: how the query heads of a GQA group, which share one selection per KV head,
-        combine: "mean" keeps the smallest tau prefix of their mean block probabilities;
-        "union" keeps the union of every head's own tau prefix (each head's mass reaches tau
-        on its own estimate), ordered by the heads' largest probability where a cap or the
-        sink must drop one.
     dense_last_tokens: the query blocks holding any of a chunk's last this many queries keep
         every candidate block (whatever tau and max_kept_fraction say), so the end of a
         prompt, where the question and the first answer token sit, attends exactly; 0 = off
@@ -50,7 +44,6 @@ class SparsityParams:
     keep_sink: bool = True
     exact_last_block: bool = True
     dense_last_tokens: int = 0
-    group_rule: GroupRule = "mean"
 
     def dense_from(self, ctx_len: int, seq_len: int) -> int:
         """Among the query blocks of a chunk of queries [ctx_len, seq_len) (blocks at
@@ -76,8 +69,6 @@ class SparsityParams:
             )
         if self.scoring not in ("mean", "antidiagonal"):
             raise ValueError(f"scoring={self.scoring!r}: must be 'mean' or 'antidiagonal'")
-        if self.group_rule not in ("mean", "union"):
-            raise ValueError(f"group_rule={self.group_rule!r}: must be 'mean' or 'union'")
         if self.dense_last_tokens < 0:
             raise ValueError(f"dense_last_tokens={self.dense_last_tokens}: must be >= 0")
         st = self.antidiagonal_stride

@@ -26,18 +26,13 @@ def kept_cap(n_cand: torch.Tensor, max_kept_fraction: float) -> torch.Tensor:
 
 
 def block_probs(
-    q_pool: torch.Tensor,
-    k_pool: torch.Tensor,
-    n_cand: torch.Tensor,
-    scale: float,
-    per_head: bool = False,
+    q_pool: torch.Tensor, k_pool: torch.Tensor, n_cand: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Softmax over each query block's candidates of pooled q.k * scale, mean over the group.
 
     q_pool [Hq, Tq, E] pooled query blocks, k_pool [Hkv, C, E] pooled permuted key blocks,
     n_cand [Tq] int. Returns p [Hkv, Tq, C] fp32, zero outside the candidates (rows with no
-    candidate are all zero); with per_head, p [Hkv, G, Tq, C], each query head's own
-    probabilities (for group_rule "union").
+    candidate are all zero).
     """
     hq, tq, e = q_pool.shape
     hkv, c, _ = k_pool.shape
@@ -49,22 +44,7 @@ def block_probs(
     # in-place softmax: at long contexts logits is the largest tensor of the estimation
     logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
     logits.div_(logits.sum(dim=-1, keepdim=True)).nan_to_num_(0.0)
-    return logits if per_head else logits.mean(dim=1)
-
-
-def union_members(p: torch.Tensor, n: torch.Tensor, tau: float) -> torch.Tensor:
-    """[Hkv, G, Tq, C] per-head probabilities and n [1, Tq] candidates per row -> [Hkv, Tq, C]
-    bool: the candidates in some head's tau prefix (by descending p, ties to the lower
-    block; every candidate at tau 1)."""
-    c = p.shape[-1]
-    rank = torch.arange(c, device=p.device)
-    if tau >= 1.0:
-        return (rank < n[..., None]).expand(p.shape[0], -1, -1)
-    vals, order = p.sort(dim=-1, descending=True, stable=True)
-    n_keep = torch.minimum((vals.cumsum_(dim=-1) < tau).sum(dim=-1) + 1, n[:, None])
-    del vals
-    keep_sorted = rank < n_keep[..., None]
-    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted).any(dim=1)
+    return logits.mean(dim=1)
 
 
 def select_blocks(
@@ -76,10 +56,7 @@ def select_blocks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the smallest prefix of candidates by descending p whose mass reaches tau.
 
-    p [Hkv, Tq, C] from `block_probs`, or [Hkv, G, Tq, C] (`per_head`): then the kept
-    candidates are the union of each head's tau prefix (`union_members`), ordered by their
-    largest probability over the group where the cap or the sink drops some (group_rule
-    "union"). n_cand [Tq], sink_block [Hkv] (permuted block of
+    p [Hkv, Tq, C] from `block_probs`, n_cand [Tq], sink_block [Hkv] (permuted block of
     original token 0, forced when params.keep_sink and the row has candidates). With
     params.max_kept_fraction at most kept_cap(n_cand) blocks are kept, the sink included.
     Rows from `dense_from` on (`SparsityParams.dense_from` of the chunk p holds) keep every
@@ -87,33 +64,22 @@ def select_blocks(
     [Hkv, Tq, C] int32 (selected ids ascending, then padding C).
     """
     c = p.shape[-1]
+    vals, order = p.sort(dim=-1, descending=True, stable=True)
     n = n_cand.long()[None, :]
-    if p.dim() == 4:
-        member = union_members(p, n, params.tau)
-        # members first, each part by descending largest probability over the group
-        order = p.amax(dim=1).sort(dim=-1, descending=True, stable=True)[1]
-        first = member.gather(-1, order).to(torch.uint8).sort(dim=-1, descending=True, stable=True)
-        order = order.gather(-1, first[1])
-        n_keep = member.sum(dim=-1)
-        del member, first
-        rows = p.shape[0], p.shape[2]
+    if params.tau >= 1.0:
+        n_keep = n.expand(p.shape[:2])
     else:
-        vals, order = p.sort(dim=-1, descending=True, stable=True)
-        rows = p.shape[:2]
-        if params.tau >= 1.0:
-            n_keep = n.expand(rows)
-        else:
-            # keep rank i while the mass before it is < tau: 1 + #{j: cumsum[j] < tau}
-            below = vals.cumsum_(dim=-1) < params.tau  # in place: vals is not needed after
-            n_keep = torch.minimum(below.sum(dim=-1) + 1, n)
-        del vals  # the [Hkv, Tq, C] temporaries dominate peak memory at long contexts
+        # keep rank i while the mass before it is < tau: 1 + #{j: cumsum[j] < tau}
+        below = vals.cumsum_(dim=-1) < params.tau  # in place: vals is not needed after
+        n_keep = torch.minimum(below.sum(dim=-1) + 1, n)
+    del vals  # the [Hkv, Tq, C] temporaries dominate peak memory at long contexts
     cap = n
     if params.max_kept_fraction is not None:
         cap = kept_cap(n, params.max_kept_fraction)
         n_keep = torch.minimum(n_keep, cap)
-    if dense_from is not None and dense_from < rows[1]:
-        full = torch.arange(rows[1], device=p.device) >= dense_from
-        n_keep = torch.where(full[None, :], n.expand(rows), n_keep)
+    if dense_from is not None and dense_from < p.shape[1]:
+        full = torch.arange(p.shape[1], device=p.device) >= dense_from
+        n_keep = torch.where(full[None, :], n.expand(p.shape[:2]), n_keep)
     rank = torch.arange(c, device=p.device)
     if params.keep_sink:
         # the sink replaces the last kept block when it falls outside the prefix at the cap
@@ -128,26 +94,6 @@ def select_blocks(
     del order, keep_sorted
     ids = torch.where(keep, rank.int(), c).sort(dim=-1).values
     return keep.sum(dim=-1, dtype=torch.int32), ids
-
-
-@triton.jit
-def _sort_key(p, cols, BLOCK_C: tl.constexpr):
-    """int64 keys that sort like (p descending, column ascending); p >= 0 and <= 1, so its
-    fp32 bits order like the values and stay below 2**30 (bit 62 is free for a flag)."""
-    return (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) + (BLOCK_C - 1 - cols)
-
-
-@triton.jit
-def _tau_prefix_members(p, cols, valid, n, tau, BLOCK_C: tl.constexpr):
-    """Columns of the smallest prefix of candidates (cols < n) by descending p whose mass
-    reaches tau: each key compared with the smallest kept key (keys are unique)."""
-    key = tl.where(valid, _sort_key(p, cols, BLOCK_C), -1)
-    ranked = tl.sort(key, descending=True)
-    vals = tl.where(valid, (ranked >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
-    below = (tl.cumsum(vals, 0) < tau) & valid
-    n_keep = tl.minimum(tl.sum(below.to(tl.int32), 0) + 1, n)
-    smallest = tl.min(tl.where(cols < n_keep, ranked, 0x7FFFFFFFFFFFFFFF), 0)
-    return (key >= smallest) & (cols < n)
 
 
 # Per-step sizes are not specialised: a new chunk shape never triggers a JIT compile
@@ -198,58 +144,38 @@ def _select_kernel(
     CAP: tl.constexpr,
     KEEP_SINK: tl.constexpr,
     EXACT: tl.constexpr,
-    UNION: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     n = tl.load(pos_ptr + t) // SEG * (SEG // BS)
     cand = cols < n
-    valid = cols < c
-    if EXACT:
-        # normalised here: the permutation kernel writes each block's unnormalised mass
-        exact = tl.load(exact_ptr + h * c + cols, mask=valid, other=0.0)
-        total = tl.sum(exact, 0)
-        exact = exact / tl.where(total > 0, total, 1.0)
-    # block probabilities: softmax over the candidates per group head; UNION: their largest
-    # value and the union of their tau prefixes, else their mean
+    # block probabilities: softmax over the candidates per group head, mean over the group
     rows = logits_ptr + h * GROUP * tq * c
     p = tl.zeros([BLOCK_C], dtype=tl.float32)
-    member = cols < 0
     for g in tl.static_range(GROUP):
         x = tl.load(rows + (g * tq + t) * c + cols, mask=cand, other=float("-inf")) * scale
         m = tl.max(x, 0)
         e = tl.where(cand, tl.exp(x - tl.where(m > float("-inf"), m, 0.0)), 0.0)
         s = tl.sum(e, 0)
-        pg = e / tl.where(s > 0, s, 1.0)
-        if UNION:
-            if EXACT:
-                pg = tl.where(t == tq - 1, exact, pg)
-            p = tl.maximum(p, pg)
-            if not TAU_ONE:
-                member = member | _tau_prefix_members(pg, cols, valid, n, tau, BLOCK_C)
-        else:
-            p += pg
-    if not UNION:
-        p = p / GROUP
-        if EXACT:
-            p = tl.where(t == tq - 1, exact, p)
+        p += e / tl.where(s > 0, s, 1.0)
+    p = p / GROUP
+    if EXACT:
+        # normalised here: the permutation kernel writes each block's unnormalised mass
+        exact = tl.load(exact_ptr + h * c + cols, mask=cols < c, other=0.0)
+        total = tl.sum(exact, 0)
+        p = tl.where(t == tq - 1, exact / tl.where(total > 0, total, 1.0), p)
     # stable descending sort by p (ties: lower block first): p >= 0, so its fp32 bits order
-    # like the values; the low 32 bits carry the reversed column; UNION: members first
-    key = _sort_key(p, cols, BLOCK_C)
-    if UNION:
-        if TAU_ONE:
-            member = cand
-        key += member.to(tl.int64) << 62
-    key = tl.where(valid, key, -1)
+    # like the values; the low 32 bits carry the reversed column
+    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) + (BLOCK_C - 1 - cols)
+    key = tl.where(cols < c, key, -1)
     key = tl.sort(key, descending=True)
+    valid = cols < c
     order = BLOCK_C - 1 - (key & 0xFFFFFFFF).to(tl.int32)
+    vals = tl.where(valid, (key >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
     if TAU_ONE:
         n_keep = n
-    elif UNION:
-        n_keep = tl.sum(member.to(tl.int32), 0)
     else:
-        vals = tl.where(valid, (key >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
         below = (tl.cumsum(vals, 0) < tau) & valid
         n_keep = tl.minimum(tl.sum(below.to(tl.int32), 0) + 1, n)
     cap = n
@@ -328,5 +254,4 @@ def select_into(
         CAP=params.max_kept_fraction is not None,
         KEEP_SINK=params.keep_sink,
         EXACT=exact is not None,
-        UNION=params.group_rule == "union",
     )

@@ -59,12 +59,6 @@ class PBSConfig(BaseModel):
         description="Cap on the kept fraction of candidate key blocks per query block "
         "(none = no cap); formerly max_density, which is still accepted.",
     )
-    group_rule: Literal["mean", "union"] = Field(
-        "mean",
-        description="How the query heads of a GQA group, which share one block selection, "
-        "combine: mean = the tau prefix of their mean block probabilities; union = every "
-        "head's own tau prefix, united (each head keeps tau of its estimated mass; denser).",
-    )
     dense_fallback_len: int = Field(
         65536, ge=0, description="Prefills whose sequence is shorter than this run dense."
     )
@@ -175,7 +169,6 @@ class PBSConfig(BaseModel):
             keep_sink=self.keep_sink,
             exact_last_block=self.exact_last_block,
             dense_last_tokens=self.dense_last_tokens,
-            group_rule=self.group_rule,
         )
 
     @classmethod
@@ -209,7 +202,6 @@ _ALLOWED = {
     "segment_size": "a positive multiple of block_size",
     "tau": "a number in (0, 1]",
     "max_kept_fraction": "a number in (0, 1], or null for no cap",
-    "group_rule": "'mean' or 'union'",
     "dense_fallback_len": "an integer >= 0",
     "dense_above": "'auto', a number in (0, 1], or null to never switch",
     "dense_last_tokens": "an integer >= 0",

@@ -66,15 +66,6 @@ SETTINGS: dict[str, Setting] = {
             Setting(f"pbs-tau{t}", "pbs", {**_SPARSE, "tau": t}, description=f"pbs-sparse, tau {t}")
             for t in (0.95, 0.98, 0.99)
         ),
-        *(
-            Setting(
-                f"pbs-union{label}",
-                "pbs",
-                {**_SPARSE, "tau": t, "group_rule": "union"},
-                description=f"pbs-sparse, tau {t} for every query head (group_rule union)",
-            )
-            for label, t in (("", 0.9), ("-tau0.8", 0.8))
-        ),
         Setting(
             "pbs-pooled256",
             "pbs",

@@ -42,11 +42,6 @@ _P = dict(block_size=BS, segment_size=SS)
         (7, True, SparsityParams(**_P, tau=1.0, max_kept_fraction=0.1), None),
         (4, False, SparsityParams(**_P, tau=0.5), 6),
         (1, True, SparsityParams(**_P, tau=0.9, max_kept_fraction=0.2), 8),
-        (7, False, SparsityParams(**_P, tau=0.9, group_rule="union"), None),
-        (4, True, SparsityParams(**_P, tau=0.5, keep_sink=False, group_rule="union"), None),
-        (7, True, SparsityParams(**_P, tau=1.0, group_rule="union"), None),
-        (7, False, SparsityParams(**_P, tau=0.95, max_kept_fraction=0.3, group_rule="union"), None),
-        (4, True, SparsityParams(**_P, tau=0.8, group_rule="union"), 6),
     ],
     ids=[
         "g7-tau0.9",
@@ -57,11 +52,6 @@ _P = dict(block_size=BS, segment_size=SS)
         "g7-ties-cap0.1",
         "g4-dense-last-3-blocks",
         "g1-ties-cap0.2-dense-last-block",
-        "union-g7-tau0.9",
-        "union-g4-ties-tau0.5-nosink",
-        "union-g7-ties-tau1",
-        "union-g7-cap0.3",
-        "union-g4-ties-dense-last-3-blocks",
     ],
 )
 def test_fused_selection_matches_reference(gen, device, group, params, ties, dense_from):
@@ -73,10 +63,9 @@ def test_fused_selection_matches_reference(gen, device, group, params, ties, den
     exact = torch.rand(hkv, c, generator=gen)
     exact /= exact.sum(-1, keepdim=True)
     for use_exact in (False, True):
-        union = params.group_rule == "union"
-        p = block_probs(q_pool, k_pool, n_cand, scale, per_head=union)
+        p = block_probs(q_pool, k_pool, n_cand, scale)
         if use_exact:
-            p[..., -1, :] = exact.unsqueeze(1) if union else exact
+            p[:, -1] = exact
         sink = (perm[:, :SS] == 0).int().argmax(dim=-1) // BS
         want_num, want_ids = select_blocks(p, n_cand, sink, params, dense_from)
         width = c + 3  # wider than this sequence's candidates: the tail stays untouched
@@ -113,26 +102,3 @@ def test_fused_selection_rejects_bad_logits(gen):
     perm = torch.zeros(2, SS, dtype=torch.int32)
     with pytest.raises(ValueError, match="contiguous"):
         select_into(logits, pos, perm, None, num, ids, params, 1.0)
-
-
-@pytest.mark.parametrize("tau", [0.5, 0.8, 0.95])
-def test_union_keeps_tau_of_every_head(gen, tau):
-    """group_rule "union": every query head keeps at least tau of its own probabilities
-    (no cap), and the selection is the per-row reference's (`select_ref`)."""
-    from pbs_vllm.kernels.estimate_ref import select_ref
-
-    group, hkv, tq, n_seg = 7, 2, 9, 5
-    q_pool, k_pool, pos, perm = _case(gen, group, hkv, n_seg, tq, ties=False)
-    n_cand = pos // SS * (SS // BS)
-    params = SparsityParams(**_P, tau=tau, keep_sink=False, group_rule="union")
-    p = block_probs(q_pool, k_pool, n_cand, 0.7, per_head=True)
-    num, ids = select_blocks(p, n_cand, torch.zeros(hkv, dtype=torch.long), params)
-    for h in range(hkv):
-        for t in range(tq):
-            n = int(n_cand[t])
-            kept = ids[h, t, : num[h, t]].long()
-            if n:
-                assert (p[h, :, t, kept].sum(dim=-1) >= tau - 1e-6).all()
-            heads = [p[h, g, t, :n].tolist() for g in range(group)]
-            want = select_ref(heads, None, params) if n else []
-            assert kept.tolist() == want, (h, t)

@@ -47,7 +47,6 @@ def sparsity_params(draw) -> SparsityParams:
         scoring=scoring,
         antidiagonal_stride=draw(st.sampled_from([2, 4, 16])) if scoring != "mean" else 8,
         keep_sink=draw(st.booleans()),
-        group_rule=draw(st.sampled_from(["mean", "union"])),
     )
 
 
