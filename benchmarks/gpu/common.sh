@@ -11,7 +11,10 @@ python3 -m pip show pbs-vllm >/dev/null 2>&1 ||
 python3 -c "import pytest, hypothesis, pytest_timeout" 2>/dev/null ||
   python3 -m pip install -q --no-index --find-links .whl pytest hypothesis pytest-timeout \
     >>"$RES/pip.log" 2>&1
-pack() { tar -C /tmp -czf "$OUT/results-$1.tgz" results; ls -la "$OUT"; }
+# Only files under 1 MiB travel back (files over ~6 MiB in $OUT do not come back at all:
+# session 11 lost a whole step's tarball to the engines' outputs.jsonl and logs).
+small_tar() { (cd /tmp && find results -type f -size -1024k | tar -czf "$1" -T -); }
+pack() { small_tar "$OUT/results-$1.tgz"; ls -la "$OUT"; }
 # While a step runs, /tmp/results is mirrored into $OUT/live.tgz every 20 s (written aside
 # under a name of this process, then renamed), so a call cut off by its time limit still
 # returns what its steps wrote. The mirror stops with the script that started it, also when
@@ -23,7 +26,7 @@ if [ -n "${OUT:-}" ] && [ -z "${PBS_LIVE_MIRROR:-}" ]; then
   parent=$$
   (while sleep 20; do
     kill -0 "$parent" 2>/dev/null || exit 0
-    tar -C /tmp -czf "$OUT/.live-$parent.tgz" results 2>/dev/null &&
+    small_tar "$OUT/.live-$parent.tgz" 2>/dev/null &&
       mv "$OUT/.live-$parent.tgz" "$OUT/live.tgz"
   done) &
   mirror_pid=$!
