@@ -105,6 +105,7 @@ SETTINGS: dict[str, Setting] = {
             )
             for name, of in (
                 ("unpermuted-tau0.98-matched", "pbs-tau0.98"),
+                ("unpermuted-tau0.99-matched", "pbs-tau0.99"),
                 ("unpermuted-matched", "pbs-sparse"),
             )
         ),
