@@ -14,11 +14,10 @@ sparse ones), host the host time of one PBS layer call (launches; the GPU overla
 the layer's other work only up to the GPU work itself), estimate = a fixed part + a part
 per key (pooling, permutation) + a part per causal pair (the strided scores).
 
-Known gap (H100, 2026-12-07, docs/benchmarks.md): where a step can switch, each layer
-reads its masks' density on the host before it decides (one sync per layer), so its host
-time adds to its GPU time instead of overlapping it, which `max(host, ...)` does not
-model; the routed tau 0.9 path lost at 16K / 30K on the 0.5B model where the same masks
-unrouted won.
+`max(host, ...)` holds only while no layer waits for the GPU: routing reads each step's
+densities without a sync (`backend/routing.py`). When it read them with one sync per
+layer, host and GPU time added up instead, and the routed tau 0.9 path lost at 16K / 30K
+on the 0.5B model where the same masks unrouted won (H100, 2026-12-07, docs/benchmarks.md).
 
 The break-even density of a step (`CostModel.switch_above`) is the density from which the
 stock kernel is predicted faster, with a `margin`: PBS must be predicted `margin` faster

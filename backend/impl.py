@@ -1,11 +1,13 @@
 """`PBSAttentionImpl`: decode tokens on the stock impl, prefill tokens on the PBS kernels.
 
-Per layer: route (`backend/routing.py` decides whether the step is held on the stock
-kernel), estimate (`prefill_mask` per prefill run, over the run's `PrefillPlan` that the
-metadata builder built once for the step), route again (the step's density at or above
-its break-even density: the stock impl attends the whole step), attend (decodes on the
-stock impl, prefill runs on the prefill kernel of `backend/prefill_kernel.py`: FA3 on
-Hopper, the Triton kernel elsewhere).
+Per layer: route (`backend/routing.py` folds in the layer's density reading from its last
+estimated step and decides whether this step is held on the stock kernel), estimate
+(`prefill_mask` per prefill run, over the run's `PrefillPlan` that the metadata builder
+built once for the step; where the step could switch, the masks' densities start on their
+way to the host without a sync, for the layer's next call), attend (decodes on the stock
+impl, prefill runs on the prefill kernel of `backend/prefill_kernel.py`: FA3 on Hopper, the
+Triton kernel elsewhere). No layer waits for the GPU: a per-layer sync to read this step's
+density cost more host time than PBS saved on a small model (docs/benchmarks.md).
 
 A layer whose configuration the PBS kernels cannot run (see `unsupported_reason`) gets the
 stock impl itself instead of a PBSAttentionImpl, so it behaves exactly like a stock run;
@@ -264,6 +266,9 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         config = get_pbs_config(vllm_config)
         self.params = config.sparsity_params()
         self.routing = LayerRouting(config.dense_hold_steps)
+        # (step, densities on their way to the host, copy-done event or None): the reading
+        # of this layer's last estimated step that could switch, for its next call
+        self._reading: tuple[StepView, torch.Tensor, torch.cuda.Event | None] | None = None
         self.cuda_graphs = config.cuda_graphs
         self._on_cpu = stock_backend().get_name() == "CPU_ATTN"
         # attend(q, kv, mask, scale, out): FA3 on Hopper, else Triton (chosen once, logged)
@@ -329,17 +334,15 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
             switch_above=m.switch_above,
             weights=m.sparse_weights,
         )
+        self._fold_reading()
         if self.routing.held(step):
-            # A recent step of this layer, with sequences at least as long, was too dense.
+            # A recent step of this layer, with sequences at least as long, reached its
+            # break-even density (dense_above, or the cost model's): the stock kernel
+            # attends densely faster than PBS would sparsely.
             metrics.record_fallback("dense_held")
             return self.stock.forward(layer, query, key, value, kv_cache, m.stock_all, output)
         work, graphs = self._estimate(layer, query, kv_cache, m)
-        densities = self._densities(work, step, getattr(layer, "layer_name", None))
-        if self.routing.switch(step, densities):
-            # The step's density reaches its break-even density (dense_above, or the cost
-            # model's): the stock kernel attends densely faster than PBS would sparsely.
-            metrics.record_fallback("dense_mask")
-            return self.stock.forward(layer, query, key, value, kv_cache, m.stock_all, output)
+        self._read_densities(work, step, getattr(layer, "layer_name", None))
         if m.decode is not None:
             # The stock impl reads rows [0, m.decode.num_actual_tokens): the decodes.
             self.stock.forward(layer, query, key, value, kv_cache, m.decode, output)
@@ -451,24 +454,45 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         stock impl before that."""
         return getattr(layer, "isa", None) or getattr(self.stock, "isa", None)
 
-    def _densities(self, work: list[tuple], step: StepView, name) -> list[float] | None:
-        """Densities of the step's sparse masks when routing needs them (one device sync),
-        else None. While a stats sample is due they are also recorded, with each mask's
-        per-KV-head densities when the layer has a name; a sample routing did not read
-        goes to the host without a sync (`PBSStats.defer_sample`)."""
+    def _read_densities(self, work: list[tuple], step: StepView, name) -> None:
+        """Send the densities of the step's sparse masks to the host without a sync: to
+        routing (`self._reading`, folded in at the layer's next call) where the step could
+        switch, and to the stats while a sample is due (with each mask's per-KV-head
+        densities when the layer has a name, `PBSStats.defer_sample`)."""
         sparse = [mask for run, _, _, mask in work if not run.dense]
         if not sparse:
-            return None
+            return
         needed, due = self.routing.needs_densities(step), STATS.density_due()
         if not needed and not due:
-            return None
+            return
         values = torch.stack([mask.density_tensor() for mask in sparse])
-        heads = [mask.num_kv_heads for mask in sparse] if due and name is not None else []
-        if heads:
-            values = torch.cat([values, *(mask.density_per_head_tensor() for mask in sparse)])
-        if not needed:
+        if needed:
+            self._reading = (step, *_to_host_async(values))
+        if due:
+            heads = [mask.num_kv_heads for mask in sparse] if name is not None else []
+            if heads:
+                values = torch.cat([values, *(m.density_per_head_tensor() for m in sparse)])
             STATS.defer_sample(values, len(sparse), heads, name)
-            return None
-        host = values.tolist()
-        STATS.add_sample(host, len(sparse), heads, name)
-        return host[: len(sparse)]
+
+    def _fold_reading(self) -> None:
+        """Hand the layer's pending density reading to routing (`LayerRouting.observe`).
+        Its copy was queued a step ago, so waiting for it waits for nothing in practice."""
+        if self._reading is None:
+            return
+        step, host, done = self._reading
+        self._reading = None
+        if done is not None:
+            done.synchronize()
+        self.routing.observe(step, host.tolist())
+
+
+def _to_host_async(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """(host copy, event recorded after the copy) of a device tensor, without a sync: a
+    non-blocking copy into pinned memory. CPU tensors: a copy and None."""
+    if values.device.type != "cuda":
+        return values.clone(), None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done

@@ -9,24 +9,27 @@ it is the cost model's prediction for the step's lengths on this GPU (`backend/c
 0 (no density could win: a short, host-bound step) sends the whole step to the stock
 kernel unestimated (`no_density_wins`). A number is a fixed break-even density.
 
-Then one `LayerRouting` object per layer, its state explicit, takes two decisions per layer
-and step in `PBSAttentionImpl.forward`:
+Then one `LayerRouting` object per layer, its state explicit, decides per layer and step
+in `PBSAttentionImpl.forward`, before estimation, `held(step)`: the layer's last switch to
+the stock kernel predicts, through the fall of density with context (`DENSITY_FALLOFF`), a
+density at this step's length at or above the step's break-even, so the step goes to the
+stock kernel unestimated; each held step uses up one of the `dense_hold_steps` steps a
+switch grants (without it, a model whose masks never win, e.g. random weights, would pay
+for estimation in every step).
 
-1. before estimation, `held(step)`: the layer's last switch to the stock kernel predicts,
-   through the fall of density with context (`DENSITY_FALLOFF`), a density at this step's
-   length at or above the step's break-even, so the step goes to the stock kernel
-   unestimated; each held step uses up one of the `dense_hold_steps` - 1 steps a switch
-   grants (a prediction from this layer's own last measurement: without it, a model whose
-   masks never win, e.g. random weights, would pay for estimation in every step);
-2. after estimation, `switch(step, densities)`: the step's density (its sparse masks'
-   densities weighted by their causal pairs) is at or above its break-even, so the stock
-   kernel attends the whole step densely and the layer remembers that density; a step
-   that could have switched and came out sparse ends the hold.
+A switch comes from a reading, `observe(step, densities)`: an estimated step's density
+(its sparse masks' densities weighted by their causal pairs) at or above its break-even
+switches the layer and remembers that density; a step that could have switched and came
+out sparse ends the hold. The reading reaches routing at the layer's next call, never in
+the step that measured it: the densities travel to the host without a sync, so that step
+runs PBS whatever they say. Reading them at once would need a host sync in every layer,
+which serialises the layer's host time with its GPU time; on Qwen2.5-Coder-0.5B that cost
+more than PBS saved at 16K-30K (docs/benchmarks.md). The price of the lag: the step that
+first finds a layer dense runs it on PBS (for a long prefill its first chunk, the cheapest).
 
-Both need the step to carry the stock metadata of all its rows (`StepView.can_switch`:
-`dense_above` set and no decodes in the step). The densities cost one host sync, so
-`needs_densities` says when they must be read: only when the switch can happen (the
-stats take their samples without a sync, `backend/stats.py`).
+Holding needs the step to carry the stock metadata of all its rows
+(`StepView.can_switch`: `dense_above` set and no decodes in the step); `needs_densities`
+says which steps produce readings (the same ones; the stats take their own samples).
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ class StepView:
 class LayerRouting:
     """Routing state of one attention layer.
 
-    hold_steps: steps a switch covers, itself included (1: every step is estimated).
+    hold_steps: the steps a switch holds on the stock kernel, at most.
     held_steps: steps the last switch still grants; switch_density / switch_len: the
     density and longest sequence of that switch, from which `predicted_density` carries
     the layer's density to other lengths.
@@ -154,18 +157,19 @@ class LayerRouting:
         return False
 
     def needs_densities(self, step: StepView) -> bool:
-        """Whether the masks' densities must be read (a host sync) for this step: only
-        where the switch can happen (stats samples never need one)."""
+        """Whether this step's masks' densities are a reading for `observe`: only where
+        the layer could switch (stats samples are taken apart from it)."""
         return self._can_switch(step)
 
-    def switch(self, step: StepView, densities: list[float] | None) -> bool:
-        """After estimation: whether the whole step goes to the stock kernel. densities:
+    def observe(self, step: StepView, densities: list[float] | None) -> bool:
+        """A reading of an estimated step (handed over at the layer's next call): whether
+        it switches the layer to the stock kernel for the steps `held` grants. densities:
         of the step's sparse masks (None or empty: not read, so no switch)."""
         if not self._can_switch(step) or not densities:
             return False
         density = step.density(densities)
         if density >= step.switch_above:
-            self.held_steps = self.hold_steps - 1
+            self.held_steps = self.hold_steps
             self.switch_density, self.switch_len = density, step.longest
             return True
         self.held_steps = 0  # sparse where it could have switched

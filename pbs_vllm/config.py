@@ -83,8 +83,8 @@ class PBSConfig(BaseModel):
         description="After a dense_above switch, the layer's prefill steps without decodes "
         "stay on the stock kernel, unestimated, while their sequences are no longer than the "
         "length at which the switch's density, falling with context, would fall below the "
-        "step's break-even density (dense_above), until this many (the switching one included) have run; 1 = estimate "
-        "every step.",
+        "step's break-even density (dense_above), for at most this many steps (the step "
+        "whose masks reached dense_above ran PBS: its densities reach routing later).",
     )
     stats_log_interval_s: float = Field(
         10.0, ge=0.0, description="Seconds between density log lines (0 = off)."

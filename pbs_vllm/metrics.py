@@ -7,7 +7,7 @@ Metrics (created on first use, in the process that records them):
                                                     visible key blocks
   pbs:fallback_total{reason=...}                    counter, prefills sent to dense attention:
                                                     short_prompt (per request and step),
-                                                    dense_mask (per layer and step),
+                                                    dense_cost (per request and step),
                                                     dense_held (per layer and step)
 
 Getting them onto vLLM's `/metrics`: the attention backend runs in the engine-core (or

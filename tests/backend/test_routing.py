@@ -33,42 +33,42 @@ def test_no_switch_without_a_break_even_density():
     r = LayerRouting(hold_steps=8)
     never = StepView(True, 1000, None)
     assert not r.needs_densities(never)  # stats samples never need a sync
-    assert not r.switch(never, [1.0])
+    assert not r.observe(never, [1.0])
     assert not r.held(never)
-    assert not r.switch(step(1000, math.inf), [1.0])  # every density wins: never switch
+    assert not r.observe(step(1000, math.inf), [1.0])  # every density wins: never switch
 
 
 def test_switch_reads_the_steps_weighted_density():
     r = LayerRouting(hold_steps=1)
     assert r.needs_densities(SWITCHABLE)
     assert not r.needs_densities(WITH_DECODES)
-    assert not r.switch(SWITCHABLE, [0.9, 0.2])  # mean 0.55
-    assert r.switch(SWITCHABLE, [0.9, 0.3])  # mean 0.6
+    assert not r.observe(SWITCHABLE, [0.9, 0.2])  # mean 0.55
+    assert r.observe(SWITCHABLE, [0.9, 0.3])  # mean 0.6
     # weighted by causal pairs: the long run's sparse mask dominates
-    assert not r.switch(step(1000, weights=(1, 9)), [0.95, 0.5])
-    assert r.switch(step(1000, weights=(9, 1)), [0.95, 0.5])
-    assert not r.switch(SWITCHABLE, None)  # densities not read: no switch
-    assert not r.switch(WITH_DECODES, [1.0])  # no stock metadata for all rows
+    assert not r.observe(step(1000, weights=(1, 9)), [0.95, 0.5])
+    assert r.observe(step(1000, weights=(9, 1)), [0.95, 0.5])
+    assert not r.observe(SWITCHABLE, None)  # densities not read: no switch
+    assert not r.observe(WITH_DECODES, [1.0])  # no stock metadata for all rows
 
 
 @pytest.mark.parametrize("hold", [1, 2, 5])
-def test_switch_holds_for_hold_steps_minus_one(hold):
+def test_switch_holds_for_hold_steps(hold):
     r = LayerRouting(hold_steps=hold)
-    assert r.switch(SWITCHABLE, [0.95])
+    assert r.observe(SWITCHABLE, [0.95])
     held = [r.held(SWITCHABLE) for _ in range(hold + 2)]
-    assert held == [True] * (hold - 1) + [False] * 3
+    assert held == [True] * hold + [False] * 2
 
 
 def test_hold_covers_only_steps_no_longer_than_the_switch():
     """At the switch's own density (the break-even itself) no longer step is held."""
     r = LayerRouting(hold_steps=4)
-    assert r.switch(step(500), [0.6])
+    assert r.observe(step(500), [0.6])
     assert not r.held(step(501))  # longer: estimate (masks may be sparser)
     assert r.held(step(500))
     assert not r.held(StepView(False, 100, 0.6))  # decodes in the step: never held
     assert r.held(step(10))
-    assert r.switch(step(800), [0.6])  # a later switch replaces the prediction
-    assert (r.switch_len, r.held_steps) == (800, 3)
+    assert r.observe(step(800), [0.6])  # a later switch replaces the prediction
+    assert (r.switch_len, r.held_steps) == (800, 4)
 
 
 @pytest.mark.parametrize("density", [0.65, 0.8, 0.95])
@@ -76,7 +76,7 @@ def test_hold_reaches_the_length_where_density_would_fall_to_the_break_even(dens
     """A switch holds longer steps (the later chunks of a long prefill) while its density,
     falling with context as DENSITY_FALLOFF says, stays at least the step's break-even."""
     r = LayerRouting(hold_steps=8)
-    assert r.switch(step(16384, weights=(1, 1000)), [0.99, density])
+    assert r.observe(step(16384, weights=(1, 1000)), [0.99, density])
     reach = 16384 * (r.switch_density / 0.6) ** (1 / DENSITY_FALLOFF)
     assert r.held(step(int(reach) - 1))
     assert not r.held(step(int(reach) + 2))
@@ -88,8 +88,8 @@ def test_hold_reaches_the_length_where_density_would_fall_to_the_break_even(dens
 
 def test_sparse_step_ends_the_hold():
     r = LayerRouting(hold_steps=8)
-    assert r.switch(SWITCHABLE, [0.9])
-    assert not r.switch(step(2000), [0.3])
+    assert r.observe(SWITCHABLE, [0.9])
+    assert not r.observe(step(2000), [0.3])
     assert r.held_steps == 0
     assert not r.held(SWITCHABLE)
 

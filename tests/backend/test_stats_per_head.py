@@ -48,7 +48,7 @@ def test_snapshot_is_a_copy():
 
 
 def test_impl_records_per_head_with_the_scalar_densities():
-    """`_densities` while a sample is due: one scalar and one per-head sample per
+    """`_read_densities` while a sample is due: one scalar and one per-head sample per
     sparse mask, split from one transfer; dense runs are skipped."""
     from types import SimpleNamespace
 
@@ -64,18 +64,18 @@ def test_impl_records_per_head_with_the_scalar_densities():
     ]
     work = [(SimpleNamespace(dense=False), None, None, mask) for mask in masks]
     work.append((SimpleNamespace(dense=True), None, None, masks[0]))
-    impl = SimpleNamespace(routing=LayerRouting())
+    impl = SimpleNamespace(routing=LayerRouting(), _reading=None)
     saved = STATS.log_interval_s
     try:
         STATS.reset()
         STATS.configure(1e-9)
         step = StepView(can_switch=False, longest=270)
-        densities = PBSAttentionImpl._densities(impl, work, step, "l")
+        PBSAttentionImpl._read_densities(impl, work, step, "l")
         snap = STATS.snapshot()
     finally:
         STATS.configure(saved)
         STATS.reset()
-    assert densities is None  # routing cannot switch here: sampled, not returned
+    assert impl._reading is None  # routing cannot switch here: sampled, no reading
     assert snap["density_samples"] == 2
     scalars = [m.density() for m in masks]
     heads = [m.density_per_head_tensor().tolist() for m in masks]
@@ -108,7 +108,7 @@ def test_add_sample_splits_mask_and_head_densities():
 
 
 def test_deferred_samples_count_once_their_copy_lands():
-    """A sample routing did not read reaches the host without a sync: it is counted at the
+    """A sample reaches the host without a sync: it is counted at the
     first maybe_log after its copy landed, in order, and snapshot waits for the rest."""
     stats = PBSStats()
     first, second = _Copy(), _Copy()
@@ -136,9 +136,10 @@ def test_defer_sample_of_cpu_values_counts_at_once():
     assert stats.snapshot()["density_per_layer_head"]["l"] == pytest.approx([0.4, 0.6])
 
 
-def test_impl_returns_densities_only_where_routing_switches():
-    """With a switch possible the densities are read (and recorded every step); a stats
-    sample alone returns nothing to routing."""
+def test_impl_hands_densities_to_routing_at_the_next_call_without_a_sync():
+    """Where the step could switch, the masks' densities become the layer's pending reading
+    (not a stats sample unless one is due), which the next call hands to routing; a step
+    that cannot switch leaves none."""
     from types import SimpleNamespace
 
     from pbs_vllm.backend.impl import PBSAttentionImpl
@@ -149,15 +150,23 @@ def test_impl_returns_densities_only_where_routing_switches():
 
     mask = random_block_mask(ChunkBatch([40], [150]), 16, 32, 2, 0.3, "cpu", seed=3)
     work = [(SimpleNamespace(dense=False), None, None, mask)]
-    impl = SimpleNamespace(routing=LayerRouting())
+    impl = SimpleNamespace(routing=LayerRouting(hold_steps=4), _reading=None)
     saved = STATS.log_interval_s
     try:
         STATS.reset()
         STATS.configure(0.0)  # no sample due
-        got = PBSAttentionImpl._densities(impl, work, StepView(True, 190, 0.6), "l")
-        assert got == pytest.approx([mask.density()])
-        assert PBSAttentionImpl._densities(impl, work, StepView(False, 190, 0.6), "l") is None
-        assert STATS.snapshot()["density_samples"] == 1
+        PBSAttentionImpl._read_densities(impl, work, StepView(False, 190, 0.6), "l")
+        assert impl._reading is None  # decodes in the step: no reading
+        switchable = StepView(True, 190, mask.density() - 0.01)
+        PBSAttentionImpl._read_densities(impl, work, switchable, "l")
+        step, host, done = impl._reading
+        assert step is switchable and done is None
+        assert host.tolist() == pytest.approx([mask.density()])
+        assert STATS.snapshot()["density_samples"] == 0
+        PBSAttentionImpl._fold_reading(impl)
+        assert impl._reading is None
+        assert (impl.routing.held_steps, impl.routing.switch_len) == (4, 190)
+        assert impl.routing.switch_density == pytest.approx(mask.density())
     finally:
         STATS.configure(saved)
         STATS.reset()
