@@ -18,7 +18,9 @@
 #            then `vllm bench serve`
 #   sparse   PBS at tau 0.9 (no dense fallback, no dense switch): the same
 #   flash    tau1's workload, one round, against FLASH_ATTN (prefix cache reset first): its
-#            TTFT and throughput beside tau1's round 1
+#            TTFT and throughput beside tau1's round 1, and the same SOAK_SEQUENTIAL requests
+#            replayed alone (how much vLLM's own batching changes greedy outputs in bf16,
+#            the baseline for tau1's replay check)
 # Env (default): SOAK_PHASES ("tau1 default sparse flash"), SOAK_BUDGET_S (540), SOAK_MODEL
 # (/tmp/qwen-hf, written by `prep`), SOAK_YARN (4: YaRN factor for the 32K-native Qwen model,
 # 0 for none), SOAK_MAX_LEN (124928), SOAK_MEM (0.4), SOAK_BATCHED (8192, max-num-batched-
@@ -151,6 +153,11 @@ bench() { # NAME: `vllm bench serve` (random prompts) against that server, bench
   grep -E "Successful requests|Failed requests|Mean TTFT|Median TTFT|Output token throughput" "$S/bench-$1.log"
 }
 
+# tau1 and flash share their two servers: start both side by side before the first phase
+# (a start takes about two minutes), whichever of the two phases comes first.
+case " ${SOAK_PHASES:-tau1 default sparse flash} " in
+*" tau1 "* | *" flash "*) start_server flash && start_server tau1 ;;
+esac
 for phase in ${SOAK_PHASES:-tau1 default sparse flash}; do
   case $phase in
   tau1)
@@ -167,7 +174,8 @@ for phase in ${SOAK_PHASES:-tau1 default sparse flash}; do
     need 120 flash || continue
     serve flash || continue
     curl -sf -m 60 -X POST "$(url_of flash)/reset_prefix_cache" >/dev/null
-    drive flash flash 240 --requests "${SOAK_REQUESTS:-300}" --rounds 1
+    drive flash flash 240 --requests "${SOAK_REQUESTS:-300}" --rounds 1 \
+      --sequential "${SOAK_SEQUENTIAL:-40}"
     ;;
   default | sparse)
     stop tau1

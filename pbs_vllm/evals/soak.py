@@ -874,6 +874,8 @@ def soak(
     if outputs is not None:
         outputs[:] = first
     round_mm = sorted({i for res in results[1:] for i in mismatches(res.outputs, first)})
+    if rounds > 1:
+        _progress(f"rounds 2-{rounds}: {len(round_mm)} of {len(requests)} differ from round 1")
     picked = spread_indices(sequential, len(requests))
     seq_mm: list[int] = []
     if picked:
