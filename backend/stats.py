@@ -3,10 +3,10 @@
 The builder records each step's token split; the impl adds mask density samples (the
 computed fraction of the causally visible key blocks, `PBSBlockMask.density()`) while a
 log line is due (`density_due()`): one step per interval (every layer of it), not every
-step. A sample never synchronises the device for the stats' sake: unless routing read the
-densities anyway (`add_sample`), they travel to the host by an asynchronous copy
-(`defer_sample`) and are counted once the copy has landed (checked at each step's
-`maybe_log`, waited for by `snapshot`). `STATS.snapshot()` gives the totals as a dict,
+step. A sample never synchronises the device: the densities travel to the host by an
+asynchronous copy (`defer_sample`) and are counted once the copy has landed (checked at
+each step's `maybe_log`, waited for by `snapshot`); routing takes its own copy
+(`backend/routing.py`). `STATS.snapshot()` gives the totals as a dict,
 with the mean density per layer and, from the samples taken while a log line was due,
 per (layer, KV head).
 """
