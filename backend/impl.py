@@ -28,7 +28,7 @@ from pbs_vllm.backend.log import get_logger
 from pbs_vllm.backend.metadata import PBSAttentionMetadata
 from pbs_vllm.backend.prefill_kernel import prefill_attention
 from pbs_vllm.backend.routing import LayerRouting, StepView
-from pbs_vllm.backend.stats import STATS
+from pbs_vllm.backend.stats import STATS, to_host_async
 from pbs_vllm.backend.stock import CPU_VIEWABLE_ISAS, paged_kv, stock_backend
 from pbs_vllm.config import get_pbs_config
 from pbs_vllm.kernels import PagedKV, prefill_mask
@@ -467,7 +467,7 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
             return
         values = torch.stack([mask.density_tensor() for mask in sparse])
         if needed:
-            self._reading = (step, *_to_host_async(values))
+            self._reading = (step, *to_host_async(values))
         if due:
             heads = [mask.num_kv_heads for mask in sparse] if name is not None else []
             if heads:
@@ -484,15 +484,3 @@ class PBSAttentionImpl(AttentionImpl[PBSAttentionMetadata]):
         if done is not None:
             done.synchronize()
         self.routing.observe(step, host.tolist())
-
-
-def _to_host_async(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """(host copy, event recorded after the copy) of a device tensor, without a sync: a
-    non-blocking copy into pinned memory. CPU tensors: a copy and None."""
-    if values.device.type != "cuda":
-        return values.clone(), None
-    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-    host.copy_(values, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    return host, done

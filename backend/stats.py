@@ -24,6 +24,19 @@ from pbs_vllm.backend.log import get_logger
 logger = get_logger(__name__)
 
 
+def to_host_async(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """(host tensor, event recorded after its copy) of `values`, without a sync: a CUDA
+    tensor is copied into pinned memory without blocking; a CPU tensor is returned as it
+    is, with None."""
+    if values.device.type != "cuda":
+        return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
 @dataclass
 class PBSStats:
     """Cumulative counters since start (or `reset()`); density is a mean over samples."""
@@ -115,13 +128,10 @@ class PBSStats:
     ) -> None:
         """`add_sample` for values still on the device, without a sync: an asynchronous
         copy to pinned host memory, counted once it has landed (CPU values: at once)."""
-        if values.device.type != "cuda":
-            self.add_sample(values.tolist(), masks, heads, layer)
+        host, done = to_host_async(values)
+        if done is None:
+            self.add_sample(host.tolist(), masks, heads, layer)
             return
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-        host.copy_(values, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
         self._pending.append((done, host, masks, heads, layer))
 
     def collect(self, wait: bool = False) -> None:
