@@ -41,8 +41,9 @@ from pbs_vllm.backend.cost import CostModel, StepWork
 
 # How density falls with context: d(L) ~ L ** -DENSITY_FALLOFF. Measured on
 # Qwen2.5-Coder-0.5B with code prompts at tau 0.9 (docs/benchmarks.md): 0.31-0.35 from 8K
-# to 30K, 0.43 from 64K to 127K (YaRN); random weights do not fall at all, which only
-# makes a hold end earlier than it could.
+# to 30K, 0.43 from 64K to 127K (YaRN); at tau 0.99 (the default) 0.15 from 8K to 30K and
+# 0.30 from 64K to 127K. Random weights do not fall at all. A falloff assumed too fast
+# only makes a hold end earlier than it could (the layer then measures again).
 DENSITY_FALLOFF = 0.35
 
 # The break-even density `dense_above: "auto"` uses where the cost model has no rates

@@ -51,6 +51,10 @@ CONFIGS: dict[str, tuple[str, dict | None]] = {
     "pbs-tau0.95": ("pbs", {"tau": 0.95, **_PURE}),
     "pbs-tau0.98": ("pbs", {"tau": 0.98, **_PURE}),
     "pbs-tau0.99": ("pbs", {"tau": 0.99, **_PURE}),
+    # tau 0.99 with coarser segments or finer blocks (lower density at the same accuracy?)
+    "pbs-tau0.99-s1024": ("pbs", {"tau": 0.99, "segment_size": 1024, **_PURE}),
+    "pbs-tau0.99-s2048": ("pbs", {"tau": 0.99, "segment_size": 2048, **_PURE}),
+    "pbs-tau0.99-b64": ("pbs", {"tau": 0.99, "block_size": 64, **_PURE}),
     # tau 0.9 with each chunk's last 1024 query tokens dense (dense_last_tokens)
     "pbs-last1k": ("pbs", {"tau": 0.9, "dense_last_tokens": 1024, **_PURE}),
     "pbs-full": ("pbs", {"tau": 1.0, **_PURE}),
@@ -255,45 +259,66 @@ def _stats():
     return STATS
 
 
+def _worker_cmd(
+    args: argparse.Namespace, name: str, lengths: list[int], reps: int, profile: bool = True
+) -> list[str]:
+    """The command line of one engine's worker process (config `name`)."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--config",
+        name,
+        "--model",
+        args.model,
+        "--lengths",
+        ",".join(map(str, lengths)),
+        "--reps",
+        str(reps),
+        "--gpu-mem",
+        str(args.gpu_mem),
+        "--decode-tokens",
+        str(args.decode_tokens),
+        "--decode-batch",
+        str(args.decode_batch),
+        "--decode-prompt-len",
+        str(args.decode_prompt_len),
+    ]
+    if args.eager:
+        cmd.append("--eager")
+    if args.real_weights:
+        cmd.append("--real-weights")
+    if args.yarn:
+        cmd += ["--yarn", str(args.yarn)]
+    cmd += ["--prompts", args.prompts]
+    if args.max_num_batched_tokens:
+        cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.profile and profile:
+        cmd += ["--profile", str(args.profile)]
+    if args.profile or args.out:
+        cmd += ["--out", str(args.out or ".")]
+    cmd += ["--warmup-lengths", ",".join(map(str, args.warmup_lengths))]
+    return cmd
+
+
 def run_all(args: argparse.Namespace) -> list[dict]:
     rows = []
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    if args.prime:
+        # An untimed engine first: on a fresh GPU machine (or a model configuration new to
+        # it: YaRN changes the compile cache key) the first engine ran 19-41% slower than
+        # the same config in later engines (docs/benchmarks.md), whatever its config.
+        first = args.configs[0]
+        t0 = time.time()
+        proc = subprocess.run(
+            _worker_cmd(args, first, args.warmup_lengths[:1], 1, profile=False),
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        print(f"[prime: {first}] exit {proc.returncode}, {time.time() - t0:.0f}s", flush=True)
     for name in args.configs:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            "--config",
-            name,
-            "--model",
-            args.model,
-            "--lengths",
-            ",".join(map(str, args.lengths)),
-            "--reps",
-            str(args.reps),
-            "--gpu-mem",
-            str(args.gpu_mem),
-            "--decode-tokens",
-            str(args.decode_tokens),
-            "--decode-batch",
-            str(args.decode_batch),
-            "--decode-prompt-len",
-            str(args.decode_prompt_len),
-        ]
-        if args.eager:
-            cmd.append("--eager")
-        if args.real_weights:
-            cmd.append("--real-weights")
-        if args.yarn:
-            cmd += ["--yarn", str(args.yarn)]
-        cmd += ["--prompts", args.prompts]
-        if args.max_num_batched_tokens:
-            cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-        if args.profile:
-            cmd += ["--profile", str(args.profile)]
-        if args.profile or args.out:
-            cmd += ["--out", str(args.out or ".")]
-        cmd += ["--warmup-lengths", ",".join(map(str, args.warmup_lengths))]
+        cmd = _worker_cmd(args, name, args.lengths, args.reps)
         t0 = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         got = [
@@ -427,6 +452,12 @@ def main(argv: list[str] | None = None) -> None:
         type=parse_length,
         default=0,
         help="profile one prefill of this length per config (profile-<config>.txt in --out)",
+    )
+    ap.add_argument(
+        "--prime",
+        action="store_true",
+        help="start the first config's engine once, untimed, before the timed engines (the "
+        "first engine on a fresh machine or for a new model configuration runs slower)",
     )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)

@@ -16,13 +16,13 @@ def load(section=None, **env):
 
 
 def test_defaults():
-    """The paper's, except a 512-token segment and the exact last-block selection
-    (docs/method.md, deviations)."""
+    """The paper's, except a 512-token segment, the exact last-block selection and tau
+    0.99 (docs/method.md, deviations)."""
     cfg = load()
     assert (cfg.block_size, cfg.segment_size, cfg.tau, cfg.max_kept_fraction) == (
         128,
         512,
-        0.9,
+        0.99,
         None,
     )
     assert cfg.scoring == "mean" and cfg.permute and cfg.keep_sink and cfg.exact_last_block
@@ -125,7 +125,7 @@ def test_get_pbs_config_reads_additional_config(monkeypatch):
     for name in [n for n in __import__("os").environ if n.startswith("PBS_")]:
         monkeypatch.delenv(name)
     assert get_pbs_config(FakeVllmConfig()).tau == 0.7
-    assert get_pbs_config(None).tau == 0.9
+    assert get_pbs_config(None).tau == 0.99
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@
 #   prep     the real model (Qwen2.5-Coder-0.5B-Instruct) from its GGUF in /tmp/qwen05 (carried
 #            as qwen05-NN parts, docs/models.md) into /tmp/qwen-hf; one layer's chunk benchmark
 #   native   TTFT 8K-30K on code prompts (CONFIGS), FLASH_ATTN beside every PBS config
+#            (native, yarn and ttft-llama start one untimed engine first the first time they
+#            run on a machine: its first engine runs 19-41% slower; PRIME=0 skips, 1 forces)
 #   yarn     TTFT 64K-127K with YaRN x4 (the first rep shows whether the warm-up worked)
 #   ruler    RULER-style suite (SETTINGS, LENGTHS, N; RULER_OUT names the results folder,
 #            RULER_ARGS adds options, e.g. --known-densities from an earlier run)
@@ -39,6 +41,12 @@ MODEL=/tmp/qwen-hf
 gguf() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site-gguf .whl/gguf-*.whl >>"$RES/pip.log" 2>&1
   export PYTHONPATH=/tmp/site-gguf:$PYTHONPATH
+}
+prime() { # --prime for bench_ttft.py the first time a model configuration ($1) is timed on
+  # this machine (its first engine runs slower, docs/benchmarks.md); PRIME=1 always, 0 never
+  [ "${PRIME:-}" = 0 ] && return
+  [ "${PRIME:-}" != 1 ] && [ -e "/tmp/.primed-$1" ] && return
+  touch "/tmp/.primed-$1" && echo --prime
 }
 ruler() { # the suite on the real model at LENGTHS with N prompts per task; more options after
   python3 benchmarks/bench_ruler.py --model $MODEL --lengths ${LENGTHS:-8k,16k,32k} --num-prompts ${N:-30} "$@"
@@ -78,12 +86,12 @@ for step in "$@"; do
   native)
     python3 benchmarks/bench_ttft.py --model $MODEL --real-weights --prompts code --lengths ${LENGTHS:-8k,16k,30k} \
       --configs ${CONFIGS:-flash,pbs-default,pbs-tau,pbs-tau-triton,pbs-tau0.8,pbs-default-16k} --reps 3 \
-      --warmup-lengths 8k,20k ${PROFILE:+--profile $PROFILE} --out "$RES/ttft-native" 2>&1 \
+      --warmup-lengths 8k,20k ${PROFILE:+--profile $PROFILE} $(prime native) --out "$RES/ttft-native" 2>&1 \
       | tee "$RES/ttft-native.log" | grep -v '^RESULT' | tail -24
     ;;
   yarn)
     python3 benchmarks/bench_ttft.py --model $MODEL --real-weights --prompts code --yarn 4 --lengths 64k,127k \
-      --configs ${CONFIGS:-flash,pbs-default,pbs-tau} --reps 2 --warmup-lengths 16k \
+      --configs ${CONFIGS:-flash,pbs-default,pbs-tau} --reps 2 --warmup-lengths 16k $(prime yarn) \
       --out "$RES/ttft-yarn" 2>&1 | tee "$RES/ttft-yarn.log" | grep -v '^RESULT' | tail -16
     ;;
   ruler)
@@ -125,7 +133,7 @@ for step in "$@"; do
     ;;
   ttft-llama)
     python3 benchmarks/bench_ttft.py --model /tmp/llama8b --lengths ${LENGTHS:-8k,16k,32k,64k,128k,256k} \
-      --configs ${CONFIGS:-flash,pbs-d10,pbs-default} --reps 3 --eager ${TTFT_ARGS:-} \
+      --configs ${CONFIGS:-flash,pbs-d10,pbs-default} --reps 3 --eager $(prime llama) ${TTFT_ARGS:-} \
       --out "$RES/ttft-llama" 2>&1 | tee "$RES/ttft-llama.log" | tail -8
     ;;
   decode)

@@ -66,6 +66,21 @@ SETTINGS: dict[str, Setting] = {
             Setting(f"pbs-tau{t}", "pbs", {**_SPARSE, "tau": t}, description=f"pbs-sparse, tau {t}")
             for t in (0.95, 0.98, 0.99)
         ),
+        *(
+            # the default tau with coarser permutation segments or finer blocks: candidates
+            # for a lower density at tau 0.99's accuracy on long prompts
+            Setting(
+                f"pbs-tau0.99-{label}",
+                "pbs",
+                {**_SPARSE, "tau": 0.99, **geometry},
+                description=f"pbs-tau0.99 with {text}",
+            )
+            for label, geometry, text in (
+                ("s1024", {"segment_size": 1024}, "1024-token segments"),
+                ("s2048", {"segment_size": 2048}, "2048-token segments"),
+                ("b64", {"block_size": 64}, "64-token blocks"),
+            )
+        ),
         Setting(
             "pbs-pooled256",
             "pbs",

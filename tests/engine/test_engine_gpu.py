@@ -57,8 +57,9 @@ def test_gpu_greedy_tokens_match_flash_attn_with_decode_cuda_graphs():
     assert STATS.snapshot()["sparse_prefill_tokens"] == 5200
 
 
-def test_gpu_sparse_path_on_dummy_weights_at_real_head_size(tmp_path):
-    """Random (dummy) weights with head_dim 128: the sparse path runs and drops blocks."""
+def _dummy_model(tmp_path: Path) -> Path:
+    """The tiny model's tokenizer with a head_dim 128, 8 q / 2 KV head config (no weights:
+    load it with load_format="dummy")."""
     tiny, model = Path(tiny_llama_path()), tmp_path / "llama-dummy"
     model.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
@@ -74,6 +75,12 @@ def test_gpu_sparse_path_on_dummy_weights_at_real_head_size(tmp_path):
         torch_dtype="bfloat16",
     )
     (model / "config.json").write_text(json.dumps(cfg))
+    return model
+
+
+def test_gpu_sparse_path_on_dummy_weights_at_real_head_size(tmp_path):
+    """Random (dummy) weights with head_dim 128: the sparse path runs and drops blocks."""
+    model = _dummy_model(tmp_path)
     pbs = {
         "block_size": 128,
         "segment_size": 256,
@@ -99,3 +106,53 @@ def test_gpu_sparse_path_on_dummy_weights_at_real_head_size(tmp_path):
     snap = STATS.snapshot()
     assert snap["sparse_prefill_tokens"] == 12000
     assert snap["density_samples"] > 0 and snap["mean_density"] < 0.9
+
+
+def test_gpu_prefill_layer_calls_never_wait_for_the_device(tmp_path, monkeypatch):
+    """Every PBS layer call of a prefill step, with routing reading densities (a fixed
+    dense_above, so every step could switch) and stats sampling on, runs under
+    `torch.cuda.set_sync_debug_mode("error")`: no call may block the host on the GPU
+    (issue 16: one `.tolist()` per layer had cost ~1 ms per layer call)."""
+    from pbs_vllm.backend.impl import PBSAttentionImpl
+    from pbs_vllm.backend.metadata import PBSAttentionMetadata
+
+    forward = PBSAttentionImpl.forward
+    checked = []
+
+    def strict_forward(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kw):
+        if not (isinstance(attn_metadata, PBSAttentionMetadata) and attn_metadata.prefill_runs):
+            return forward(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kw)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return forward(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            checked.append(attn_metadata.stock_all is not None)
+
+    monkeypatch.setattr(PBSAttentionImpl, "forward", strict_forward)
+    pbs = {
+        "block_size": 128,
+        "segment_size": 256,
+        "tau": 0.9,
+        "dense_fallback_len": 0,
+        "dense_above": 0.95,
+        "stats_log_interval_s": 1e-6,
+    }
+    llm = _llm(
+        "pbs",
+        pbs,
+        model=str(_dummy_model(tmp_path)),
+        load_format="dummy",
+        max_model_len=16384,
+        max_num_batched_tokens=4096,
+        enforce_eager=True,
+    )
+    try:
+        STATS.reset()
+        # 3 and 2 chunks of 4096: later chunks fold the readings of earlier ones
+        toks, _ = tokens_and_logprobs(greedy(llm, random_prompts(7, [11000, 6000]), max_tokens=2))
+    finally:
+        shutdown(llm)
+    assert [len(t) for t in toks] == [2, 2]
+    assert checked and all(checked)  # every checked step could switch (routing read it)
+    assert STATS.snapshot()["density_samples"] > 0
