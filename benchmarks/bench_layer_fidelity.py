@@ -5,8 +5,9 @@ Runs the model once over one prompt from `pbs_vllm.evals.ruler` (token ids exact
 every layer's post-RoPE q [N, Hq, D], k and v [N, Hkv, D] at the attention call, then per
 layer builds the PBS mask the way `pbs-vllm fidelity` / `pbs-vllm inspect` do
 (`PromptAttention.mask`: the reference estimator over the whole prompt as one chunk) with
-the serving geometry (block 128, segment 512, exact_last_block) at each tau, and scores it
-against dense causal attention in float64 (`pbs_vllm.fidelity.metrics.mask_fidelity`).
+the serving geometry (block 128, segment 512, exact_last_block; `--geometries` adds others)
+at each tau, and scores it against dense causal attention in float64
+(`pbs_vllm.fidelity.metrics.mask_fidelity`).
 
 Reported per layer and tau: `PBSBlockMask.density()` (computed / causally visible key
 blocks), the kept fraction of candidate blocks, recall (dense attention mass on the computed
@@ -146,8 +147,11 @@ def main() -> None:
     ap.add_argument("--task", default="niah_multivalue", choices=ruler.TASKS)
     ap.add_argument("--length", default="4096", help="nominal RULER length (answer reserved)")
     ap.add_argument("--taus", default="0.9,0.95,0.98")
-    ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--segment-size", type=int, default=512)
+    ap.add_argument(
+        "--geometries",
+        default="128x512",
+        help="comma-separated BLOCKxSEGMENT mask geometries, each scored at every tau",
+    )
     ap.add_argument("--no-exact-last-block", action="store_true")
     ap.add_argument("--dense-last-tokens", type=int, default=0)
     ap.add_argument("--last", type=int, default=128, help="queries of the answer-position slice")
@@ -167,6 +171,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     length = ruler.parse_length(args.length)
     taus = [float(t) for t in args.taus.split(",")]
+    geometries = [tuple(int(x) for x in g.split("x")) for g in args.geometries.split(",")]
     sample = load_prompt_ids(args.model, args.task, length, args.seed, args.index)
     ids = sample.prompt_token_ids
     n = len(ids)
@@ -192,10 +197,10 @@ def main() -> None:
         prompt = PromptAttention(cap["q"], cap["k"], cap["v"])
         ref = prompt.out.float()
         check = ((ref - cap["out"]).norm() / cap["out"].norm()).item()
-        for tau in taus:
+        for (block_size, segment_size), tau in [(g, t) for g in geometries for t in taus]:
             params = SparsityParams(
-                block_size=args.block_size,
-                segment_size=args.segment_size,
+                block_size=block_size,
+                segment_size=segment_size,
                 tau=tau,
                 exact_last_block=not args.no_exact_last_block,
                 dense_last_tokens=args.dense_last_tokens,
@@ -203,6 +208,8 @@ def main() -> None:
             mask = prompt.mask(replace(params, permute=True))
             row = {
                 "layer": li,
+                "block_size": block_size,
+                "segment_size": segment_size,
                 "tau": tau,
                 "density": mask.density(),
                 "density_per_kv": mask.density_per_head_tensor().tolist(),
@@ -216,7 +223,8 @@ def main() -> None:
             results.append(row)
             p = row["pbs"]
             print(
-                f"layer {li:2d} tau {tau:.2f}: density {row['density']:.3f} "
+                f"layer {li:2d} {block_size}x{segment_size} tau {tau:.2f}: "
+                f"density {row['density']:.3f} "
                 f"cand {row['candidate_fraction']:.3f} recall {p['recall']:.4f} "
                 f"(min kv {p['recall_min_kv']:.4f}) err {p['rel_error']:.4f} | last "
                 f"recall {p['recall_last']:.4f} err {p['rel_error_last']:.4f}"
