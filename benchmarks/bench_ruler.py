@@ -409,6 +409,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _jsonable(value):
+    """An argument value as JSON takes it: paths (also in lists, e.g. --merge-from) as text."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     on_gpu = engine.setup_environment()  # before vLLM is imported
@@ -416,9 +425,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     tokenizer.model_max_length = max(args.max_model_len, 1 << 30)  # no over-length warnings
-    prompts = load_prompts(
-        tokenizer, args.tasks, args.lengths, args.num_prompts, args.seed, args.out / "prompts"
-    )
+    prompts = None  # generated on first need: a merge of finished runs needs none
+
+    def get_prompts():
+        nonlocal prompts
+        if prompts is None:
+            prompts = load_prompts(
+                tokenizer,
+                args.tasks,
+                args.lengths,
+                args.num_prompts,
+                args.seed,
+                args.out / "prompts",
+            )
+        return prompts
+
     if on_gpu:
         import torch
 
@@ -434,7 +455,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     meta = {
         "title": title,
         "device": device,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {k: _jsonable(v) for k, v in vars(args).items()},
         "settings": {
             n: {
                 "backend": compare.SETTINGS[n].backend,
@@ -460,7 +481,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if args.child is None and not args.in_process:
                 run_child(name, run, argv)
             else:
-                run_setting(setting, args.lengths, prompts, run, args, on_gpu)
+                run_setting(setting, args.lengths, get_prompts(), run, args, on_gpu)
         except Exception as e:  # anything run_setting did not catch itself
             log(f"{name}: failed:\n{traceback.format_exc()}")
             for n in args.lengths:
