@@ -17,6 +17,7 @@
 #   ruler    RULER-style suite (SETTINGS, LENGTHS, N; RULER_OUT names the results folder,
 #            RULER_ARGS adds options, e.g. --known-densities from an earlier run)
 #   ruler-par  the same, SETTINGS split into groups by ';' (e.g. "flash;pbs-last1k,unpermuted-last1k-matched")
+#            (RULER_PAR_S: seconds after which the groups are stopped and the merge runs)
 #            run as parallel processes sharing the GPU (a fixed KV cache of RULER_KV_GIB each,
 #            default 8: vLLM's memory profile would count the others' memory), then merged
 #            into one table in RULER_OUT (agreement included)
@@ -48,9 +49,9 @@ prime() { # --prime for bench_ttft.py the first time a model configuration ($1) 
   [ "${PRIME:-}" != 1 ] && [ -e "/tmp/.primed-$1" ] && return
   touch "/tmp/.primed-$1" && echo --prime
 }
-ruler() { # the suite on the real model at LENGTHS with N prompts per task; more options after
-  python3 benchmarks/bench_ruler.py --model $MODEL --lengths ${LENGTHS:-8k,16k,32k} --num-prompts ${N:-30} "$@"
-}
+# the suite on the real model at LENGTHS with N prompts per task; more options after
+RULER_CMD=(python3 benchmarks/bench_ruler.py --model $MODEL --lengths "${LENGTHS:-8k,16k,32k}" --num-prompts "${N:-30}")
+ruler() { "${RULER_CMD[@]}" "$@"; }
 for step in "$@"; do
   case "$step" in
   tests)
@@ -106,7 +107,10 @@ for step in "$@"; do
     util=$(python3 -c "print(round(0.9 / ${#groups[@]} - 0.02, 3))")
     for g in "${groups[@]}"; do
       i=$((i + 1)); merge+=(--merge-from "$out-g$i")
-      ruler --settings "$g" --kv-cache-gib ${RULER_KV_GIB:-8} --gpu-memory-utilization $util \
+      # RULER_PAR_S: stop every group after this many seconds, so the merge below still
+      # runs inside the call (a stopped group's setting is missing from the table)
+      timeout -k 10 "${RULER_PAR_S:-86400}" "${RULER_CMD[@]}" \
+        --settings "$g" --kv-cache-gib ${RULER_KV_GIB:-8} --gpu-memory-utilization $util \
         ${RULER_ARGS:-} --out "$out-g$i" \
         >"$out-g$i.log" 2>&1 &
       sleep 5
