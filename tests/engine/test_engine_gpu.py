@@ -154,5 +154,6 @@ def test_gpu_prefill_layer_calls_never_wait_for_the_device(tmp_path, monkeypatch
     finally:
         shutdown(llm)
     assert [len(t) for t in toks] == [2, 2]
-    assert checked and all(checked)  # every checked step could switch (routing read it)
+    # steps without decodes could switch (routing read their densities; mixed steps cannot)
+    assert sum(checked) >= 2
     assert STATS.snapshot()["density_samples"] > 0
