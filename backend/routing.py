@@ -11,7 +11,8 @@ kernel unestimated (`no_density_wins`). A number is a fixed break-even density.
 
 Then one `LayerRouting` object per layer, its state explicit, decides per layer and step
 in `PBSAttentionImpl.forward`, before estimation, `held(step)`: the layer's last switch to
-the stock kernel predicts, through the fall of density with context (`DENSITY_FALLOFF`), a
+the stock kernel predicts, through the fall of density with context (`DENSITY_FALLOFF`,
+or slower where the layer's own switches showed it), a
 density at this step's length at or above the step's break-even, so the step goes to the
 stock kernel unestimated; each held step uses up one of the `dense_hold_steps` steps a
 switch grants (without it, a model whose masks never win, e.g. random weights, would pay
@@ -34,6 +35,7 @@ says which steps produce readings (the same ones; the stats take their own sampl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,13 +123,18 @@ class LayerRouting:
     hold_steps: the steps a switch holds on the stock kernel, at most.
     held_steps: steps the last switch still grants; switch_density / switch_len: the
     density and longest sequence of that switch, from which `predicted_density` carries
-    the layer's density to other lengths.
+    the layer's density to other lengths, falling as `falloff` says: what the last reading
+    at a longer sequence than the last switch showed, between 0 and DENSITY_FALLOFF (the
+    prior, until then). Random weights do not fall, so a layer of theirs found dense again
+    at a longer sequence is then held for the rest of a long prefill instead of being
+    measured on PBS again and again.
     """
 
     hold_steps: int = 1
     held_steps: int = 0
     switch_density: float = 0.0
     switch_len: int = 0
+    falloff: float = DENSITY_FALLOFF
 
     def __post_init__(self) -> None:
         if self.hold_steps < 1:
@@ -139,12 +146,12 @@ class LayerRouting:
 
     def predicted_density(self, length: int) -> float:
         """The layer's density at `length` as its last switch predicts it: that switch's
-        density, falling as `DENSITY_FALLOFF` says past that switch's length (a shorter
-        sequence is predicted no sparser)."""
+        density, falling as `falloff` says past that switch's length (a shorter sequence
+        is predicted no sparser)."""
         if self.switch_len <= 0:
             return 0.0
         return self.switch_density * (max(length, self.switch_len) / self.switch_len) ** (
-            -DENSITY_FALLOFF
+            -self.falloff
         )
 
     def held(self, step: StepView) -> bool:
@@ -169,6 +176,12 @@ class LayerRouting:
         if not self._can_switch(step) or not densities:
             return False
         density = step.density(densities)
+        if 0 < self.switch_len < step.longest and self.switch_density > 0 and density > 0:
+            # measured further on than the last switch: how fast the density fell
+            shown = math.log(self.switch_density / density) / math.log(
+                step.longest / self.switch_len
+            )
+            self.falloff = min(max(shown, 0.0), DENSITY_FALLOFF)
         if density >= step.switch_above:
             self.held_steps = self.hold_steps
             self.switch_density, self.switch_len = density, step.longest

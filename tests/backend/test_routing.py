@@ -86,6 +86,31 @@ def test_hold_reaches_the_length_where_density_would_fall_to_the_break_even(dens
         assert r.held(step(32768)) and r.held(step(49152))
 
 
+def test_a_layer_dense_again_further_on_learns_its_slower_falloff():
+    """Random weights: the hold of a switch at 16K ends where DENSITY_FALLOFF says the
+    density would fall below the break-even (~2.4x the length); the layer measured dense
+    there again (no fall) is then held over the rest of a long prefill."""
+    r = LayerRouting(hold_steps=8)
+    assert r.observe(step(16384, above=0.75), [0.99])
+    assert r.held(step(32768, above=0.75))
+    assert not r.held(step(49152, above=0.75))  # predicted 0.67: measure again
+    assert r.observe(step(49152, above=0.75), [0.99])  # still dense
+    assert r.falloff == 0.0
+    assert all(r.held(step(n, above=0.78)) for n in range(65536, 180000, 16384))
+    # a real model's layer whose density fell faster than the prior: the prior stays
+    r = LayerRouting(hold_steps=8)
+    assert r.observe(step(16384), [0.9])
+    assert r.observe(step(65536), [0.6])  # fell as L ** -0.29
+    assert r.falloff == pytest.approx(math.log(0.9 / 0.6) / math.log(4))
+    assert r.observe(step(131072), [0.61])  # then no fall at all
+    assert r.falloff == 0.0
+    assert not r.observe(step(262144), [0.2])  # a sparse reading further on shows a fall
+    assert r.falloff == DENSITY_FALLOFF  # clamped to the prior
+    # a reading at a shorter sequence than the last switch teaches nothing
+    r.falloff = 0.1
+    assert not r.observe(step(100000), [0.3]) and r.falloff == 0.1
+
+
 def test_sparse_step_ends_the_hold():
     r = LayerRouting(hold_steps=8)
     assert r.observe(SWITCHABLE, [0.9])
