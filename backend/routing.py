@@ -11,12 +11,11 @@ kernel unestimated (`no_density_wins`). A number is a fixed break-even density.
 
 Then one `LayerRouting` object per layer, its state explicit, decides per layer and step
 in `PBSAttentionImpl.forward`, before estimation, `held(step)`: the layer's last switch to
-the stock kernel predicts, through the fall of density with context (`DENSITY_FALLOFF`,
-or slower where the layer's own switches showed it), a
-density at this step's length at or above the step's break-even, so the step goes to the
-stock kernel unestimated; each held step uses up one of the `dense_hold_steps` steps a
-switch grants (without it, a model whose masks never win, e.g. random weights, would pay
-for estimation in every step).
+the stock kernel predicts, through the fall of density with context (`DENSITY_FALLOFF`, or
+slower where the layer's own readings showed it), a density at this step's length at or
+above the step's break-even, so the step goes to the stock kernel unestimated; each held
+step uses up one of the `dense_hold_steps` steps a switch grants (without it, a model whose
+masks never win, e.g. random weights, would pay for estimation in every step).
 
 A switch comes from a reading, `observe(step, densities)`: an estimated step's density
 (its sparse masks' densities weighted by their causal pairs) at or above its break-even

@@ -306,7 +306,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     if args.prime:
         # An untimed engine first: on a fresh GPU machine (or a model configuration new to
-        # it: YaRN changes the compile cache key) the first engine ran 19-41% slower than
+        # it: YaRN changes the compile cache key) the first engine ran 19-37% slower than
         # the same config in later engines (docs/benchmarks.md), whatever its config.
         first = args.configs[0]
         t0 = time.time()

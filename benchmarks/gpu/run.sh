@@ -12,7 +12,7 @@
 #            as qwen05-NN parts, docs/models.md) into /tmp/qwen-hf; one layer's chunk benchmark
 #   native   TTFT 8K-30K on code prompts (CONFIGS), FLASH_ATTN beside every PBS config
 #            (native, yarn and ttft-llama start one untimed engine first the first time they
-#            run on a machine: its first engine runs 19-41% slower; PRIME=0 skips, 1 forces)
+#            run on a machine: its first engine ran 19-37% slower; PRIME=0 skips, 1 forces)
 #   yarn     TTFT 64K-127K with YaRN x4 (the first rep shows whether the warm-up worked)
 #   ruler    RULER-style suite (SETTINGS, LENGTHS, N; RULER_OUT names the results folder,
 #            RULER_ARGS adds options, e.g. --known-densities from an earlier run)
