@@ -34,59 +34,11 @@ from dataclasses import replace
 import torch
 
 from pbs_vllm.evals import ruler
+from pbs_vllm.fidelity.capture import cached_capture, load_prompt_ids
 from pbs_vllm.fidelity.metrics import kept_pairs, mask_fidelity, masked_attention
 from pbs_vllm.fidelity.oracle import topk_oracle_mask
 from pbs_vllm.fidelity.report import PromptAttention, candidate_fraction
 from pbs_vllm.kernels.params import SparsityParams
-
-
-def load_prompt_ids(model: str, task: str, length: int, seed: int, index: int):
-    """Token ids of prompt `index` of `task` at `length`, as bench_ruler makes them."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
-    sample = ruler.make_prompts(task, tok, length, index + 1, seed, reserve_output=True)[index]
-    return sample
-
-
-def capture_qkv(model_path: str, ids: list[int]) -> list[dict[str, torch.Tensor]]:
-    """Per layer: q [N, Hq, D], k, v [N, Hkv, D] (post-RoPE, as handed to the attention
-    function) and out [N, Hq, D], the attention output before o_proj, from one float32 eager
-    forward over `ids`."""
-    from transformers import AutoModelForCausalLM
-    from transformers.models.qwen2 import modeling_qwen2
-
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    captured: list[dict[str, torch.Tensor]] = []
-    original = modeling_qwen2.eager_attention_forward
-
-    def capture(module, query, key, value, attention_mask, **kwargs):
-        out, weights = original(module, query, key, value, attention_mask, **kwargs)
-        if abs(kwargs["scaling"] - query.shape[-1] ** -0.5) > 1e-12:
-            raise ValueError(f"scaling {kwargs['scaling']} is not 1/sqrt(head_dim)")
-        if kwargs.get("sliding_window") is not None:
-            raise ValueError("sliding-window layer: dense causal reference does not apply")
-        captured.append(
-            {
-                "q": query[0].transpose(0, 1).contiguous(),
-                "k": key[0].transpose(0, 1).contiguous(),
-                "v": value[0].transpose(0, 1).contiguous(),
-                "out": out[0].contiguous(),  # eager returns [B, N, H, D]
-            }
-        )
-        return out, weights
-
-    modeling_qwen2.eager_attention_forward = capture
-    try:
-        with torch.no_grad():
-            model.model(input_ids=torch.tensor([ids]), use_cache=False)
-    finally:
-        modeling_qwen2.eager_attention_forward = original
-    if len(captured) != model.config.num_hidden_layers:
-        raise RuntimeError(f"captured {len(captured)} layers of {model.config.num_hidden_layers}")
-    return captured
 
 
 def breakdown(token_mask, probs, v, out_dense, last: int) -> dict:
@@ -160,6 +112,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--index", type=int, default=0, help="prompt index (bench_ruler's order)")
     ap.add_argument("--json", default=None, help="write all results here (after every layer)")
+    ap.add_argument("--cache", default=None, help="save / reuse the captured q, k, v (.pt file)")
     ap.add_argument(
         "--check-all",
         action="store_true",
@@ -176,7 +129,7 @@ def main() -> None:
     ids = sample.prompt_token_ids
     n = len(ids)
     print(f"prompt: {args.task} @ {length}, index {args.index}, {n} tokens", flush=True)
-    layers = capture_qkv(args.model, ids)
+    layers = cached_capture(args.model, ids, args.cache)
     t_fwd = time.perf_counter() - t0
     print(f"forward + capture: {t_fwd:.1f}s", flush=True)
     pick = range(len(layers)) if args.layers is None else map(int, args.layers.split(","))
