@@ -17,9 +17,14 @@ tau prefix, sink, exact last-block row) then gives each tau's mask. Estimators:
              theirs (as the GQA group's heads already are)
   tempT      the mean estimator's logits times T (a sharper distribution)
   antidiag   PBS+ scoring (`scoring="antidiagonal"`, stride 8)
+  NAME-nosink  estimator NAME with tau counted over the candidates besides the sink
+             block (always kept, so its mass no longer fills the tau budget)
   oracle     per sampled query block, the fewest candidate blocks of the largest *true*
              mass reaching tau of the candidates' true mass (what no estimate can beat
              under this permutation)
+
+`--key-block-size` selects keys in smaller blocks than the query blocks (e.g. 64-key
+blocks for 128-query blocks: full FA3 query tiles, finer key selection).
 
 Accuracy is scored on `--sample-blocks` query blocks per layer, evenly spaced, always with
 the last one (the answer position), against dense float32 attention
@@ -119,19 +124,35 @@ def key_order(how, q, keys, qb, last_scores, n_perm, ss, bs, scale) -> torch.Ten
     return segment_permutation(total, ss)
 
 
-def estimator_probs(name, q, keys, perm, n_cand, bs, scale):
-    """p [Hkv, Tq, C] of estimator `name` (see the module docstring)."""
+def without_sink(p: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """p [Hkv, Tq, C] with each head's sink block (sink [Hkv]) at 0 and the rest of every
+    row renormalised: the tau prefix then covers tau of the other candidates' mass (the
+    selection still keeps the sink)."""
+    p = p.clone()
+    c = p.shape[-1]
+    if c == 0:
+        return p
+    p.scatter_(2, sink.long().clamp_max(c - 1).view(-1, 1, 1).expand(-1, p.shape[1], 1), 0.0)
+    return p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def estimator_probs(name, q, keys, perm, n_cand, bs, scale, kb=None):
+    """p [Hkv, Tq, C] of estimator `name` (see the module docstring); kb: the key block
+    size (default bs), C = candidates in key blocks."""
+    kb = kb or bs
     if name == "mean":
         return block_probs(
-            pool_query_blocks_torch(q, 0, bs, 1), pool_key_blocks_torch(keys, perm, bs, 1),
+            pool_query_blocks_torch(q, 0, bs, 1), pool_key_blocks_torch(keys, perm, kb, 1),
             n_cand, scale,
         )  # fmt: skip
     if name == "antidiag":
         st = 8
         return block_probs(
-            pool_query_blocks_torch(q, 0, bs, st), pool_key_blocks_torch(keys, perm, bs, st),
+            pool_query_blocks_torch(q, 0, bs, st), pool_key_blocks_torch(keys, perm, kb, st),
             n_cand, scale,
         )  # fmt: skip
+    if kb != bs:
+        raise ValueError(f"estimator {name!r} needs --key-block-size equal to --block-size")
     m = re.fullmatch(r"(?:q(\d+))?(?:k(\d+))?(?:t([\d.]+))?", name.replace("sub", ""))
     if m is None or not any(m.groups()):
         raise ValueError(f"estimator {name!r}: mean, antidiag, oracle, qsubQ, ksubK, tempT, qQkK")
@@ -151,7 +172,13 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="save / reuse the captured q, k, v (.pt)")
     ap.add_argument("--taus", default="0.9,0.95,0.98,0.99")
     ap.add_argument("--estimators", default="mean,ksub32,qsub32,antidiag,oracle")
-    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=128, help="query block size")
+    ap.add_argument(
+        "--key-block-size",
+        type=int,
+        default=None,
+        help="key block size (default: the query block size; mean / antidiag / oracle only)",
+    )
     ap.add_argument("--segment-sizes", default="512", help="comma-separated segment sizes")
     ap.add_argument(
         "--perms",
@@ -170,6 +197,7 @@ def main() -> None:
     taus = [float(t) for t in args.taus.split(",")]
     names = args.estimators.split(",")
     bs = args.block_size
+    kb = args.key_block_size or bs
     sample = load_prompt_ids(args.model, args.task, length, args.seed, args.index)
     ids = sample.prompt_token_ids
     layers = cached_capture(args.model, ids, args.cache)
@@ -202,27 +230,32 @@ def main() -> None:
             n_perm = (n - 1) // ss * ss
             perm = key_order(pm, q, keys, qb, last_scores, n_perm, ss, bs, scale)
             own_start = (qb.pos.long() // ss) * ss
-            n_cand = own_start // bs
+            n_cand = own_start // kb
             last_pos = qb.pos.long() + qb.length.long() - 1
             geo[(pm, ss)] = {
                 "perm": perm, "own_start": own_start, "n_cand": n_cand,
-                "own": int((last_pos // bs - own_start // bs + 1).sum()),
-                "visible": int((last_pos // bs + 1).sum()),
+                "own": int((last_pos // kb - own_start // kb + 1).sum()),
+                "visible": int((last_pos // kb + 1).sum()),
             }  # fmt: skip
-            sink = (perm[:, :ss] == 0).to(torch.uint8).argmax(dim=-1) // bs
+            sink = (perm[:, :ss] == 0).to(torch.uint8).argmax(dim=-1) // kb
             for name in names:
                 if name == "oracle":
                     for tau in taus:
                         selections[(pm, ss, name, tau)] = None
                     continue
-                p = estimator_probs(name, q, keys, perm, n_cand, bs, scale)
-                p[:, -1] = exact_block_mass(last_scores[:, :n_perm], perm, bs)
+                base_name, _, flag = name.partition("-")
+                p = estimator_probs(base_name, q, keys, perm, n_cand, bs, scale, kb)
+                p[:, -1] = exact_block_mass(last_scores[:, :n_perm], perm, kb)
+                if flag == "nosink":  # tau counts the mass of the blocks besides the sink
+                    p = without_sink(p, sink)
+                elif flag:
+                    raise ValueError(f"estimator {name!r}: the only suffix is -nosink")
                 for tau in taus:
                     sel_params = SparsityParams(block_size=bs, segment_size=ss, tau=tau)
                     selections[(pm, ss, name, tau)] = select_blocks(
                         p.clone(), n_cand, sink, sel_params
                     )
-            if (pm, ss, "mean") == ("last", 512, names[0]) and li == pick[0]:
+            if (pm, ss, "mean", kb) == ("last", 512, names[0], bs) and li == pick[0]:
                 # the serving estimator, as vLLM-CPU runs it, gives the same masks
                 ref = build_block_mask_torch(q, kv, batch, params, scale, plan)
                 if not torch.equal(ref.kv_num_blocks, selections[(pm, ss, "mean", taus[0])][0]):
@@ -242,8 +275,8 @@ def main() -> None:
             dense = dense_rows(q, k, v, span, 0, bs, torch.float32)
             for (pm, ss), g in geo.items():
                 own = int(g["own_start"][b])
-                rows = replace(dense, own_start=own, n_cand=own // bs)
-                parts = block_parts(rows, v, g["perm"], bs)
+                rows = replace(dense, own_start=own, n_cand=own // kb)
+                parts = block_parts(rows, v, g["perm"], kb)
                 for key, sel in selections.items():
                     if key[:2] != (pm, ss):
                         continue
@@ -252,9 +285,9 @@ def main() -> None:
                         keep = oracle_keep(parts, hkv, oracle_counts(parts, hkv, tau))
                     else:
                         keep = keep_of(sel[0][:, b], sel[1][:, b], rows.n_cand)
-                    sums[key].add(rows, parts, keep, bs)
+                    sums[key].add(rows, parts, keep, kb)
                     if b == blocks[-1]:
-                        last[key].add(rows, parts, keep, bs)
+                        last[key].add(rows, parts, keep, kb)
         layer_rows = []
         for key, sel in selections.items():
             pm, ss, name, tau = key
@@ -279,6 +312,7 @@ def main() -> None:
             _write(args, per_layer, sample, n, t0)
 
     print(summary_table(per_layer))
+    print(matched_table(per_layer))
     if args.json:
         _write(args, per_layer, sample, n, t0)
         print(f"json: {args.json}")
@@ -308,6 +342,43 @@ def summary_table(rows) -> str:
             f"| {pm} | {ss} | {name} | {tau} | {'-' if math.isnan(dens) else f'{dens:.3f}'} | "
             f"{mean('density_sampled'):.3f} | {mean('recall'):.4f} | "
             f"{mean('rel_error'):.4f} | {mean('rel_error_last'):.4f} |"
+        )
+    return "\n".join(out)
+
+
+def matched_table(rows, tau: float = 0.99) -> str:
+    """Per curve (key order, segment, estimator over its taus): the sampled density at
+    which it reaches the output error of the serving arm (last, 512, mean) at `tau`,
+    interpolated linearly in log error between its taus (None outside its range)."""
+    curves: dict[tuple, dict[float, list[dict]]] = {}
+    for r in rows:
+        key = (r.get("perm", "last"), r.get("segment_size", 512), r["estimator"])
+        curves.setdefault(key, {}).setdefault(r["tau"], []).append(r)
+
+    def point(rs):
+        n = len(rs)
+        return sum(r["density_sampled"] for r in rs) / n, sum(r["rel_error"] for r in rs) / n
+
+    base = curves.get(("last", 512, "mean"), {}).get(tau)
+    if not base:
+        return ""
+    _, target = point(base)
+    out = [
+        f"Sampled density at the serving estimator's tau-{tau} output error ({target:.4f}):",
+        "",
+        "| order | segment | estimator | density |",
+        "|---|---:|---|---:|",
+    ]
+    for key, by_tau in curves.items():
+        pts = sorted(point(rs) for rs in by_tau.values())  # by density
+        found = None
+        for (d0, e0), (d1, e1) in zip(pts, pts[1:]):
+            if min(e0, e1) <= target <= max(e0, e1) and e0 > 0 and e1 > 0 and e0 != e1:
+                w = (math.log(target) - math.log(e0)) / (math.log(e1) - math.log(e0))
+                found = d0 + w * (d1 - d0)
+                break
+        out.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {'-' if found is None else f'{found:.3f}'} |"
         )
     return "\n".join(out)
 

@@ -27,46 +27,16 @@ import sys
 import time
 from pathlib import Path
 
+from pbs_vllm.evals.compare import SETTINGS
 from pbs_vllm.evals.engine import yarn_hf_overrides
 
-# name -> (attention backend, PBS settings or None). Every pbs-* config but the default
-# runs PBS at every length and mask density (no dense fallback, no dense switch). pbs-dN:
-# tau 1 with max_kept_fraction N% (the names predate the rename of max_density).
-_PURE = {"dense_fallback_len": 0, "dense_above": None}
+# name -> (attention backend, PBS settings or None): the engine settings of
+# `pbs_vllm.evals.compare.SETTINGS` (one table for the suite and this benchmark; `flash`
+# is FLASH_ATTN), less the density-matched ones, which need a measurement first.
 CONFIGS: dict[str, tuple[str, dict | None]] = {
-    "flash": ("FLASH_ATTN", None),
-    "pbs-d5": ("pbs", {"max_kept_fraction": 0.05, "tau": 1.0, **_PURE}),
-    "pbs-d10": ("pbs", {"max_kept_fraction": 0.10, "tau": 1.0, **_PURE}),
-    "pbs-d25": ("pbs", {"max_kept_fraction": 0.25, "tau": 1.0, **_PURE}),
-    "pbs-d25-graphs": (
-        "pbs",
-        {"max_kept_fraction": 0.25, "tau": 1.0, "cuda_graphs": True, **_PURE},
-    ),
-    "pbs-tau": ("pbs", {"tau": 0.9, **_PURE}),
-    # the same with step graphs (each step's PBS launches replayed from CUDA graphs)
-    "pbs-tau-graphs": ("pbs", {"tau": 0.9, "cuda_graphs": True, **_PURE}),
-    # the same on the portable Triton kernel (on Hopper, pbs-tau attends through FA3)
-    "pbs-tau-triton": ("pbs", {"tau": 0.9, "attention_kernel": "triton", **_PURE}),
-    "pbs-tau0.8": ("pbs", {"tau": 0.8, **_PURE}),
-    "pbs-tau0.95": ("pbs", {"tau": 0.95, **_PURE}),
-    "pbs-tau0.98": ("pbs", {"tau": 0.98, **_PURE}),
-    "pbs-tau0.99": ("pbs", {"tau": 0.99, **_PURE}),
-    # tau 0.99 with coarser segments or finer blocks (lower density at the same accuracy?)
-    "pbs-tau0.99-s1024": ("pbs", {"tau": 0.99, "segment_size": 1024, **_PURE}),
-    "pbs-tau0.99-s2048": ("pbs", {"tau": 0.99, "segment_size": 2048, **_PURE}),
-    "pbs-tau0.99-b64": ("pbs", {"tau": 0.99, "block_size": 64, **_PURE}),
-    # tau 0.9 with each chunk's last 1024 query tokens dense (dense_last_tokens)
-    "pbs-last1k": ("pbs", {"tau": 0.9, "dense_last_tokens": 1024, **_PURE}),
-    "pbs-full": ("pbs", {"tau": 1.0, **_PURE}),
-    "pbs-default": ("pbs", {}),
-    # the default with sparse prefill from 16K on (a candidate default for real models)
-    "pbs-default-16k": ("pbs", {"dense_fallback_len": 16384}),
-    "pbs-default-8k": ("pbs", {"dense_fallback_len": 8192}),
-    # tau 0.9 at every length, the cost model routing each step (dense_above auto): what the
-    # default becomes without the dense fallback that keeps the answers below 64K
-    "pbs-routed": ("pbs", {"dense_fallback_len": 0}),
-    # the same with a fixed break-even density of 0.6 (the routing before the cost model)
-    "pbs-routed-0.6": ("pbs", {"dense_fallback_len": 0, "dense_above": 0.6}),
+    name: ("FLASH_ATTN", None) if s.backend == "stock" else ("pbs", dict(s.pbs))
+    for name, s in SETTINGS.items()
+    if s.match_density_of is None
 }
 
 

@@ -1,4 +1,5 @@
-"""Engine settings of the RULER suite and the pure helpers that compare them.
+"""Engine settings of the RULER suite and of the TTFT benchmark, and the pure helpers that
+compare them.
 
 A `Setting` names one engine configuration: the platform's stock attention backend
 (`flash`: FLASH_ATTN on CUDA, CPU_ATTN on the CPU) or the PBS backend with overrides of
@@ -35,13 +36,15 @@ class MissingDensityError(LookupError):
 class Setting:
     """One engine configuration. `pbs`: PBSConfig overrides (backend 'pbs' only);
     `match_density_of`: a setting whose measured mean density at the same length becomes
-    this one's `max_kept_fraction`."""
+    this one's `max_kept_fraction`; `suite`: part of the accuracy suite's `all` (False:
+    a speed configuration of `benchmarks/bench_ttft.py`, still runnable by name)."""
 
     name: str
     backend: Literal["stock", "pbs"]
     pbs: Mapping[str, Any] = field(default_factory=dict, hash=False)
     match_density_of: str | None = None
     description: str = ""
+    suite: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in ("stock", "pbs"):
@@ -124,6 +127,64 @@ SETTINGS: dict[str, Setting] = {
                 ("unpermuted-matched", "pbs-sparse"),
             )
         ),
+        # speed configurations of bench_ttft.py (not in the suite's `all`)
+        Setting("pbs-tau", "pbs", _SPARSE, description="pbs-sparse (its TTFT name)", suite=False),
+        Setting(
+            "pbs-tau-graphs",
+            "pbs",
+            {**_SPARSE, "cuda_graphs": True},
+            description="pbs-tau with each step's PBS launches replayed from CUDA graphs",
+            suite=False,
+        ),
+        Setting(
+            "pbs-tau-triton",
+            "pbs",
+            {**_SPARSE, "attention_kernel": "triton"},
+            description="pbs-tau on the portable Triton kernel (on Hopper it attends through FA3)",
+            suite=False,
+        ),
+        *(
+            Setting(
+                f"pbs-d{pct}",
+                "pbs",
+                {**_SPARSE, "tau": 1.0, "max_kept_fraction": pct / 100},
+                description=f"every candidate up to a cap of {pct}% of them (a forced density)",
+                suite=False,
+            )
+            for pct in (5, 10, 25)
+        ),
+        Setting(
+            "pbs-d25-graphs",
+            "pbs",
+            {**_SPARSE, "tau": 1.0, "max_kept_fraction": 0.25, "cuda_graphs": True},
+            description="pbs-d25 with step graphs",
+            suite=False,
+        ),
+        Setting("pbs-full", "pbs", {**_SPARSE, "tau": 1.0}, description="tau 1", suite=False),
+        *(
+            Setting(
+                f"pbs-default-{label}",
+                "pbs",
+                {"dense_fallback_len": n},
+                description=f"the default with sparse prefill from {label.upper()} on",
+                suite=False,
+            )
+            for label, n in (("16k", 16384), ("8k", 8192))
+        ),
+        Setting(
+            "pbs-routed",
+            "pbs",
+            {"tau": 0.9, "dense_fallback_len": 0},
+            description="tau 0.9 at every length, the cost model routing each step",
+            suite=False,
+        ),
+        Setting(
+            "pbs-routed-0.6",
+            "pbs",
+            {"tau": 0.9, "dense_fallback_len": 0, "dense_above": 0.6},
+            description="pbs-routed with a fixed break-even density of 0.6",
+            suite=False,
+        ),
     )
 }
 
@@ -162,10 +223,10 @@ def order_settings(names: Iterable[str], add_dependencies: bool = True) -> list[
 
 
 def parse_settings(text: str) -> list[str]:
-    """`flash,pbs-sparse` (or `all`) -> validated names, dependencies first
+    """`flash,pbs-sparse` (or `all`: the suite's settings) -> validated names, dependencies first
     (`order_settings`). Unknown names are a ValueError naming them and the allowed ones."""
     if text.strip() == "all":
-        return list(SETTINGS)
+        return [name for name, s in SETTINGS.items() if s.suite]
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
         raise ValueError(f"no settings in {text!r}; allowed: all, {', '.join(SETTINGS)}")
