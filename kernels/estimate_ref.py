@@ -82,6 +82,10 @@ def select_ref(
     `keep_all`: the block holds one of its chunk's last params.dense_last_tokens queries."""
     if keep_all:
         return list(range(len(p)))
+    if sink is not None and params.tau_excludes_sink:
+        p = [0.0 if j == sink else x for j, x in enumerate(p)]
+        rest = sum(p)
+        p = [x / rest for x in p] if rest > 0 else p
     order = sorted(range(len(p)), key=lambda j: -p[j])
     kept, mass = [], 0.0
     for j in order:

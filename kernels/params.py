@@ -25,6 +25,8 @@ class SparsityParams:
     scoring: "mean" pools blocks by their mean; "antidiagonal" is PBS+ (XAttention-style).
     antidiagonal_stride: stride of the antidiagonal sampling for scoring="antidiagonal".
     keep_sink: always keep the permuted key block holding original token 0.
+    tau_excludes_sink: tau counts the mass of the candidates besides that sink block (kept
+        anyway), so the sink's share no longer fills the tau budget; needs keep_sink.
     exact_last_block: the query block holding a chunk's last query selects by its queries'
         exact attention mass per permuted key block (the key importance the permutation is
         built from) instead of pooled scores; needs permute.
@@ -42,6 +44,7 @@ class SparsityParams:
     scoring: Scoring = "mean"
     antidiagonal_stride: int = 8
     keep_sink: bool = True
+    tau_excludes_sink: bool = False
     exact_last_block: bool = True
     dense_last_tokens: int = 0
 
@@ -69,6 +72,8 @@ class SparsityParams:
             )
         if self.scoring not in ("mean", "antidiagonal"):
             raise ValueError(f"scoring={self.scoring!r}: must be 'mean' or 'antidiagonal'")
+        if self.tau_excludes_sink and not self.keep_sink:
+            raise ValueError("tau_excludes_sink=True needs keep_sink=True (the sink is kept)")
         if self.dense_last_tokens < 0:
             raise ValueError(f"dense_last_tokens={self.dense_last_tokens}: must be >= 0")
         st = self.antidiagonal_stride

@@ -57,13 +57,18 @@ def select_blocks(
     """Keep the smallest prefix of candidates by descending p whose mass reaches tau.
 
     p [Hkv, Tq, C] from `block_probs`, n_cand [Tq], sink_block [Hkv] (permuted block of
-    original token 0, forced when params.keep_sink and the row has candidates). With
+    original token 0, forced when params.keep_sink and the row has candidates; with
+    params.tau_excludes_sink its p is set to 0 and the row renormalised first). With
     params.max_kept_fraction at most kept_cap(n_cand) blocks are kept, the sink included.
     Rows from `dense_from` on (`SparsityParams.dense_from` of the chunk p holds) keep every
     candidate; None: no such rows. Returns kv_num_blocks [Hkv, Tq] int32 and kv_indices
     [Hkv, Tq, C] int32 (selected ids ascending, then padding C).
     """
     c = p.shape[-1]
+    if params.keep_sink and params.tau_excludes_sink and c:
+        # tau over the candidates besides the sink (kept anyway): its share out, rows renormalised
+        p = p.scatter(-1, sink_block.long().view(-1, 1, 1).expand(-1, p.shape[1], 1), 0.0)
+        p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
     vals, order = p.sort(dim=-1, descending=True, stable=True)
     n = n_cand.long()[None, :]
     if params.tau >= 1.0:
@@ -143,6 +148,7 @@ def _select_kernel(
     TAU_ONE: tl.constexpr,
     CAP: tl.constexpr,
     KEEP_SINK: tl.constexpr,
+    EXCL_SINK: tl.constexpr,
     EXACT: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -165,6 +171,14 @@ def _select_kernel(
         exact = tl.load(exact_ptr + h * c + cols, mask=cols < c, other=0.0)
         total = tl.sum(exact, 0)
         p = tl.where(t == tq - 1, exact / tl.where(total > 0, total, 1.0), p)
+    if KEEP_SINK:
+        seg = tl.arange(0, BLOCK_SEG)
+        perm0 = tl.load(perm_ptr + h * stride_perm + seg, mask=seg < SEG, other=-1)
+        sink = tl.sum(tl.where(perm0 == 0, seg, 0), 0) // BS
+        if EXCL_SINK:  # tau over the candidates besides the sink (kept anyway)
+            p = tl.where(cols == sink, 0.0, p)
+            rest = tl.sum(p, 0)
+            p = p / tl.where(rest > 0, rest, 1.0)
     # stable descending sort by p (ties: lower block first): p >= 0, so its fp32 bits order
     # like the values; the low 32 bits carry the reversed column
     key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) + (BLOCK_C - 1 - cols)
@@ -184,9 +198,6 @@ def _select_kernel(
         n_keep = tl.minimum(n_keep, cap)
     n_keep = tl.where(t >= dense_from, n, n_keep)
     if KEEP_SINK:
-        seg = tl.arange(0, BLOCK_SEG)
-        perm0 = tl.load(perm_ptr + h * stride_perm + seg, mask=seg < SEG, other=-1)
-        sink = tl.sum(tl.where(perm0 == 0, seg, 0), 0) // BS
         sink_rank = tl.sum(tl.where((order == sink) & valid, cols, 0), 0)
         n_keep = tl.where(sink_rank < n_keep, n_keep, tl.minimum(n_keep, cap - 1))
         keep = (cols < n_keep) | ((cols == sink_rank) & (n > 0))
@@ -253,5 +264,6 @@ def select_into(
         TAU_ONE=params.tau >= 1.0,
         CAP=params.max_kept_fraction is not None,
         KEEP_SINK=params.keep_sink,
+        EXCL_SINK=params.keep_sink and params.tau_excludes_sink,
         EXACT=exact is not None,
     )

@@ -125,6 +125,11 @@ class PBSConfig(BaseModel):
     antidiagonal_stride: int = Field(8, ge=1, description="Antidiagonal sampling stride (PBS+).")
     permute: bool = Field(True, description="False = unpermuted block-sparse ablation.")
     keep_sink: bool = Field(True, description="Always keep the block holding token 0.")
+    tau_excludes_sink: bool = Field(
+        False,
+        description="tau counts the mass of the candidate blocks besides the sink block "
+        "(kept anyway), so the sink's share does not fill the tau budget (needs keep_sink).",
+    )
     exact_last_block: bool = Field(
         True,
         description="A chunk's last query block selects by its queries' exact attention mass "
@@ -154,6 +159,13 @@ class PBSConfig(BaseModel):
             raise ValueError(f"must be a positive multiple of block_size={b}")
         return s
 
+    @field_validator("tau_excludes_sink")
+    @classmethod
+    def _needs_sink(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("keep_sink") is False:
+            raise ValueError("needs keep_sink=true (the sink block is kept, so tau can skip it)")
+        return v
+
     @field_validator("antidiagonal_stride")
     @classmethod
     def _divides_block(cls, st: int, info: ValidationInfo) -> int:
@@ -173,6 +185,7 @@ class PBSConfig(BaseModel):
             scoring=self.scoring,
             antidiagonal_stride=self.antidiagonal_stride,
             keep_sink=self.keep_sink,
+            tau_excludes_sink=self.tau_excludes_sink,
             exact_last_block=self.exact_last_block,
             dense_last_tokens=self.dense_last_tokens,
         )
@@ -216,6 +229,7 @@ _ALLOWED = {
     "antidiagonal_stride": "an integer >= 1 dividing block_size",
     "permute": "true or false",
     "keep_sink": "true or false",
+    "tau_excludes_sink": "true or false (true needs keep_sink true)",
     "exact_last_block": "true or false",
     "stats_log_interval_s": "a number >= 0",
     "warmup": "true or false",

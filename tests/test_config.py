@@ -81,6 +81,14 @@ def test_every_bad_value_names_field_value_and_rule(field, value, expect):
     assert "allowed:" in msg
 
 
+def test_tau_excludes_sink_needs_the_sink():
+    assert load({"tau_excludes_sink": True}).sparsity_params().tau_excludes_sink
+    with pytest.raises(PBSConfigError) as err:
+        load({"tau_excludes_sink": True, "keep_sink": False})
+    assert "pbs.tau_excludes_sink = True" in str(err.value)
+    assert "needs keep_sink=true" in str(err.value)
+
+
 def test_bad_env_value_names_the_variable():
     with pytest.raises(PBSConfigError, match=r"PBS_TAU = 'abc'.*valid number"):
         load(PBS_TAU="abc")

@@ -84,6 +84,17 @@ SETTINGS: dict[str, Setting] = {
                 ("b64", {"block_size": 64}, "64-token blocks"),
             )
         ),
+        *(
+            # tau over the candidates besides the always-kept sink block: on the CPU (docs/
+            # accuracy.md) it halved the answer position's output error at the same tau
+            Setting(
+                f"pbs-tau{t}-exsink",
+                "pbs",
+                {**_SPARSE, "tau": t, "tau_excludes_sink": True},
+                description=f"pbs-tau{t} with tau counted over the blocks besides the sink",
+            )
+            for t in (0.98, 0.99)
+        ),
         Setting(
             "pbs-pooled256",
             "pbs",

@@ -42,6 +42,8 @@ _P = dict(block_size=BS, segment_size=SS)
         (7, True, SparsityParams(**_P, tau=1.0, max_kept_fraction=0.1), None),
         (4, False, SparsityParams(**_P, tau=0.5), 6),
         (1, True, SparsityParams(**_P, tau=0.9, max_kept_fraction=0.2), 8),
+        (7, False, SparsityParams(**_P, tau=0.8, tau_excludes_sink=True), None),
+        (4, True, SparsityParams(**_P, tau=0.6, max_kept_fraction=0.3, tau_excludes_sink=True), 7),
     ],
     ids=[
         "g7-tau0.9",
@@ -52,6 +54,8 @@ _P = dict(block_size=BS, segment_size=SS)
         "g7-ties-cap0.1",
         "g4-dense-last-3-blocks",
         "g1-ties-cap0.2-dense-last-block",
+        "g7-tau0.8-excl-sink",
+        "g4-ties-cap0.3-excl-sink-dense-last",
     ],
 )
 def test_fused_selection_matches_reference(gen, device, group, params, ties, dense_from):
@@ -102,3 +106,37 @@ def test_fused_selection_rejects_bad_logits(gen):
     perm = torch.zeros(2, SS, dtype=torch.int32)
     with pytest.raises(ValueError, match="contiguous"):
         select_into(logits, pos, perm, None, num, ids, params, 1.0)
+
+
+def test_tau_excluding_the_sink_fills_tau_with_the_other_blocks(gen):
+    """With the sink's share out of the budget, a row's kept blocks besides the sink are the
+    fewest that reach tau of the other candidates' mass (and the sink is kept)."""
+    hkv, tq, n_seg, group = 2, 9, 5, 4
+    q_pool, k_pool, pos, perm = _case(gen, group, hkv, n_seg, tq, False)
+    k_pool[:, 0] *= 6  # a heavy first block: the sink's share is large for most rows
+    n_cand = pos // SS * (SS // BS)
+    p = block_probs(q_pool, k_pool, n_cand, 0.7)
+    sink = (perm[:, :SS] == 0).int().argmax(dim=-1) // BS
+    tau = 0.8
+    plain = select_blocks(p, n_cand, sink, SparsityParams(**_P, tau=tau))
+    excl = select_blocks(p, n_cand, sink, SparsityParams(**_P, tau=tau, tau_excludes_sink=True))
+    assert not torch.equal(excl[0], plain[0])  # the heavy sink block changes selections
+    for h in range(hkv):
+        for t in range(tq):
+            c = int(n_cand[t])
+            if c == 0:
+                continue
+            kept = excl[1][h, t, : int(excl[0][h, t])].long()
+            assert int(sink[h]) in kept.tolist()
+            others = p[h, t, :c].clone()
+            others[sink[h]] = 0
+            rest = float(others.sum())
+            if rest > 0:
+                got = others[kept[kept != sink[h]]].sort(descending=True).values
+                assert float(got.sum()) >= tau * rest - 1e-6
+                assert float(got[:-1].sum()) < tau * rest + 1e-6  # none to spare
+
+
+def test_tau_excludes_sink_needs_keep_sink():
+    with pytest.raises(ValueError, match="needs keep_sink=True"):
+        SparsityParams(**_P, keep_sink=False, tau_excludes_sink=True)
