@@ -17,6 +17,9 @@ tau prefix, sink, exact last-block row) then gives each tau's mask. Estimators:
              theirs (as the GQA group's heads already are)
   tempT      the mean estimator's logits times T (a sharper distribution)
   antidiag   PBS+ scoring (`scoring="antidiagonal"`, stride 8)
+  sampleK    K real queries per query block, each with its exact softmax over the
+             candidate keys, summed per key block (a sampled true mass: about K / B of
+             the QK^T work of dense attention)
   NAME-nosink  estimator NAME with tau counted over the candidates besides the sink
              block (always kept, so its mass no longer fills the tau budget)
   oracle     per sampled query block, the fewest candidate blocks of the largest *true*
@@ -136,10 +139,39 @@ def without_sink(p: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
     return p / p.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
+def sampled_probs(q, keys, perm, n_cand, bs, kb, scale, k: int, chunk: int = 16):
+    """Block probabilities [Hkv, Tq, C] from k real queries per query block (rows at
+    block-relative indices (i + 1) * B / k - 1, present ones only): each query's exact
+    softmax over the candidate keys (permuted order, keys of blocks < n_cand), summed per
+    key block of kb, averaged over the sampled queries and the group's heads."""
+    n, hq, d = q.shape
+    hkv = keys.shape[0]
+    group = hq // hkv
+    tq = -(-n // bs)
+    c = perm.shape[1] // kb
+    pk = keys.gather(1, perm.long()[..., None].expand(-1, -1, d))  # [Hkv, C*kb, D]
+    p = torch.zeros(hkv, tq, c)
+    idx = torch.arange(1, k + 1) * (bs // k) - 1  # block-relative rows
+    for t0 in range(0, tq, chunk):
+        ts = torch.arange(t0, min(t0 + chunk, tq))
+        rows = (ts[:, None] * bs + idx[None, :]).clamp_max(n - 1)  # [t, k]
+        qs = q[rows.flatten()].view(len(ts) * k, hkv, group, d).permute(1, 2, 0, 3)
+        logits = torch.matmul(qs, pk[:, None].mT) * scale  # [Hkv, G, t*k, C*kb]
+        logits = logits.view(hkv, group, len(ts), k, c * kb)
+        cand = (torch.arange(c * kb)[None, :] // kb) < n_cand[ts][:, None]  # [t, C*kb]
+        logits.masked_fill_(~cand[None, None, :, None, :], float("-inf"))
+        probs = logits.softmax(-1).nan_to_num_(0.0).view(hkv, group, len(ts), k, c, kb)
+        p[:, ts] = probs.sum(-1).mean(dim=(1, 3))
+    return p
+
+
 def estimator_probs(name, q, keys, perm, n_cand, bs, scale, kb=None):
     """p [Hkv, Tq, C] of estimator `name` (see the module docstring); kb: the key block
     size (default bs), C = candidates in key blocks."""
     kb = kb or bs
+    m = re.fullmatch(r"sample(\d+)", name)
+    if m:
+        return sampled_probs(q, keys, perm, n_cand, bs, kb, scale, int(m.group(1)))
     if name == "mean":
         return block_probs(
             pool_query_blocks_torch(q, 0, bs, 1), pool_key_blocks_torch(keys, perm, kb, 1),
