@@ -21,7 +21,7 @@ tau prefix, sink, exact last-block row) then gives each tau's mask. Estimators:
              candidate keys, summed per key block (a sampled true mass: about K / B of
              the QK^T work of dense attention)
   NAME-nosink  estimator NAME with tau counted over the candidates besides the sink
-             block (always kept, so its mass no longer fills the tau budget)
+             block (`tau_excludes_sink`: always kept, its mass no longer fills the budget)
   oracle     per sampled query block, the fewest candidate blocks of the largest *true*
              mass reaching tau of the candidates' true mass (what no estimate can beat
              under this permutation)
@@ -125,18 +125,6 @@ def key_order(how, q, keys, qb, last_scores, n_perm, ss, bs, scale) -> torch.Ten
         imp = key_importance_torch(q[row0 : row0 + length], keys, pos, seen, scale)
         total[:, :seen] += imp
     return segment_permutation(total, ss)
-
-
-def without_sink(p: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
-    """p [Hkv, Tq, C] with each head's sink block (sink [Hkv]) at 0 and the rest of every
-    row renormalised: the tau prefix then covers tau of the other candidates' mass (the
-    selection still keeps the sink)."""
-    p = p.clone()
-    c = p.shape[-1]
-    if c == 0:
-        return p
-    p.scatter_(2, sink.long().clamp_max(c - 1).view(-1, 1, 1).expand(-1, p.shape[1], 1), 0.0)
-    return p / p.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
 def sampled_probs(q, keys, perm, n_cand, bs, kb, scale, k: int, chunk: int = 16):
@@ -276,14 +264,16 @@ def main() -> None:
                         selections[(pm, ss, name, tau)] = None
                     continue
                 base_name, _, flag = name.partition("-")
+                if flag not in ("", "nosink"):
+                    raise ValueError(f"estimator {name!r}: the only suffix is -nosink")
                 p = estimator_probs(base_name, q, keys, perm, n_cand, bs, scale, kb)
                 p[:, -1] = exact_block_mass(last_scores[:, :n_perm], perm, kb)
-                if flag == "nosink":  # tau counts the mass of the blocks besides the sink
-                    p = without_sink(p, sink)
-                elif flag:
-                    raise ValueError(f"estimator {name!r}: the only suffix is -nosink")
                 for tau in taus:
-                    sel_params = SparsityParams(block_size=bs, segment_size=ss, tau=tau)
+                    # -nosink: tau counts the mass of the blocks besides the sink, as the
+                    # serving selection does with tau_excludes_sink
+                    sel_params = SparsityParams(
+                        block_size=bs, segment_size=ss, tau=tau, tau_excludes_sink=flag == "nosink"
+                    )
                     selections[(pm, ss, name, tau)] = select_blocks(
                         p.clone(), n_cand, sink, sel_params
                     )
